@@ -85,14 +85,22 @@ _models = torchvision.models
 
 VGG = Family("vgg", _models.VGG, trunk=("features",), pool="avgpool", head="classifier", native_map=7)
 ALEXNET = Family(
-    "alexnet", _models.AlexNet, trunk=("features",), pool="avgpool", head="classifier", native_map=6,
+    "alexnet",
+    _models.AlexNet,
+    trunk=("features",),
+    pool="avgpool",
+    head="classifier",
+    native_map=6,
     # 11x11/4 first conv and unpadded 3x3/2 pools: each stage loses a cell, so an FCN pads one stride more.
     fcn_pad=32,
 )
 RESNET = Family(
-    "resnet", _models.ResNet,
+    "resnet",
+    _models.ResNet,
     trunk=("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
-    pool="avgpool", head="fc", native_map=7,
+    pool="avgpool",
+    head="fc",
+    native_map=7,
 )
 MOBILENET_V3 = Family(
     "mobilenet_v3", _models.MobileNetV3, trunk=("features",), pool="avgpool", head="classifier", native_map=7
@@ -148,9 +156,7 @@ def get_backbone(name: str) -> Backbone:
     except KeyError:
         close = difflib.get_close_matches(name, BACKBONES, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown backbone {name!r}{hint} (registered: {', '.join(BACKBONES)})"
-        ) from None
+        raise ValueError(f"unknown backbone {name!r}{hint} (registered: {', '.join(BACKBONES)})") from None
 
 
 def family_of(model: nn.Module) -> Family:
@@ -159,7 +165,9 @@ def family_of(model: nn.Module) -> Family:
         if isinstance(model, family.classifier_type):
             return family
     supported = ", ".join(f.classifier_type.__name__ for f in FAMILIES)
-    raise TypeError(f"cannot convolutionalize a {type(model).__name__}: supported torchvision classifiers are {supported}")
+    raise TypeError(
+        f"cannot convolutionalize a {type(model).__name__}: supported torchvision classifiers are {supported}"
+    )
 
 
 def load_classifier(name: str, weights: WeightsArg = None) -> nn.Module:

@@ -64,8 +64,13 @@ def linear_to_conv(linear: nn.Linear, kernel: int, padding: int = 0) -> nn.Conv2
         raise ValueError(f"a Linear with {linear.in_features} inputs is not a {kernel}x{kernel} window of channels")
     weight = linear.weight
     conv = nn.Conv2d(
-        in_channels, linear.out_features, kernel, padding=padding, bias=linear.bias is not None,
-        device=weight.device, dtype=weight.dtype,
+        in_channels,
+        linear.out_features,
+        kernel,
+        padding=padding,
+        bias=linear.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
     )
     with torch.no_grad():
         conv.weight.copy_(weight.reshape(linear.out_features, in_channels, kernel, kernel))
@@ -96,9 +101,7 @@ def convolutionalize_head(head: nn.Module, kernel: int, padding: int = 0) -> nn.
 
 def is_linear(head: nn.Module) -> bool:
     """Whether ``head`` is affine (only Linear, Dropout, Identity), so it commutes with average pooling."""
-    return all(
-        isinstance(m, (nn.Linear, nn.Dropout, nn.Identity, nn.Sequential)) for m in head.modules()
-    )
+    return all(isinstance(m, (nn.Linear, nn.Dropout, nn.Identity, nn.Sequential)) for m in head.modules())
 
 
 def pooled_size(pool: nn.Module) -> int:

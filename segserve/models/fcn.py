@@ -126,8 +126,13 @@ def build_fcn(
     if head_channels is None:
         head_channels = spec.tap(32).channels
     return FCN(
-        Trunk(classifier, spec), head, head_channels, num_classes, variant,  # type: ignore[arg-type]
-        extra_pad=family.fcn_pad, freeze_upsampling=freeze_upsampling,
+        Trunk(classifier, spec),
+        head,
+        head_channels,
+        num_classes,
+        variant,  # type: ignore[arg-type]
+        extra_pad=family.fcn_pad,
+        freeze_upsampling=freeze_upsampling,
     )
 
 

@@ -1,0 +1,51 @@
+"""Package-level promises: a torch-free import, and the README's commands that CI runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_importing_segserve_does_not_import_torch_or_onnxruntime() -> None:
+    code = (
+        "import sys, segserve, segserve.cli; "
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules); "
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_cli_help_does_not_import_torch() -> None:
+    code = (
+        "import sys\nfrom segserve.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("False")
+
+
+def _readme_command(label: str) -> str:
+    """The shell command in the README's fenced block that follows the line containing ``label``."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(re.escape(label) + r".*?```(?:bash|sh)?\n(.+?)\n```", text, re.DOTALL)
+    assert match, f"README has no command block after {label!r}"
+    return match.group(1).strip()
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    command = _readme_command("Run the tests")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert command in ci.splitlines()
+    assert "set -euo pipefail" in ci
+
+
+def test_ruff_clean() -> None:
+    ruff = Path(sys.executable).parent / "ruff"
+    for args in (["check", "."], ["format", "--check", "."]):
+        result = subprocess.run([str(ruff), *args], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
