@@ -11,6 +11,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from segserve import __version__
 
@@ -100,6 +101,108 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair_of(kind: type, separator: str):  # -> argparse type function
+    def parse(text: str):
+        parts = text.lower().split(separator)
+        try:
+            values = tuple(kind(p) for p in parts)
+        except ValueError:
+            values = ()
+        if len(values) != 2 or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected two positive numbers like 1{separator}2, got {text!r}")
+        return values
+
+    return parse
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train an FCN on a labelled folder; everything lands in --out."""
+    _torch_side()
+    from segserve.datasets import DatasetError
+    from segserve.models.backbones import WeightsError
+    from segserve.training.checkpoint import CheckpointError
+    from segserve.training.loop import TrainConfig, TrainingError, train
+
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        layout=args.layout,
+        backbone=args.backbone,
+        variant=args.fcn,
+        weights=args.weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        class_weights=args.class_weights,
+        input_scale=args.input_scale,
+        crop=args.crop,
+        scale_range=args.scale_range,
+        flip=not args.no_flip,
+        jitter=args.jitter,
+        freeze_upsampling=args.freeze_upsampling,
+        seed=args.seed,
+        workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
+        val_every=args.val_every,
+        progress=not args.no_progress,
+        resume=args.resume,
+    )
+    try:
+        train(config, argv=sys.argv[1:])
+    except (DatasetError, WeightsError, CheckpointError, TrainingError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """The FCN metrics of a checkpoint at full label resolution."""
+    from segserve.datasets import DatasetError, open_collection
+    from segserve.metrics import format_metrics
+
+    try:
+        collection = open_collection(args.data, args.split, args.layout)
+        metrics, _ = _evaluate_model(args.model, collection, args.batch_size, not args.no_progress)
+    except (DatasetError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    print(f"{args.model} on {collection.root} ({collection.layout}, {args.split}: {len(collection.samples)} images)")
+    print(format_metrics(metrics))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"model": str(args.model), "data": str(collection.root), "split": args.split, **metrics.to_dict()},
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+def _evaluate_model(model: str, collection, batch_size: int, progress: bool):
+    _torch_side()
+    import torch
+
+    from segserve.training.checkpoint import CheckpointError, load_checkpoint, pipeline_from_checkpoint
+    from segserve.training.evaluate import evaluate
+
+    try:
+        checkpoint = load_checkpoint(model)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from error
+    pipeline = pipeline_from_checkpoint(checkpoint)
+    classes = tuple(checkpoint["model_config"]["classes"])
+    if classes != collection.classes.names:
+        raise UsageError(f"{model} predicts classes {classes}, but the data has {collection.classes.names}")
+
+    def predict(images):
+        with torch.no_grad():
+            return pipeline(torch.from_numpy(images).permute(0, 3, 1, 2)).argmax(1).numpy()
+
+    return evaluate(predict, collection, batch_size=batch_size, progress=progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segserve",
@@ -126,6 +229,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
     summary.set_defaults(run=cmd_summary)
+
+    train = commands.add_parser(
+        "train",
+        help="train an FCN on a labelled image folder",
+        description="Train an FCN; RUN_DIR receives last.pt, best.pt, metrics.csv, "
+        "curves.png, confusion.png and config.json.",
+    )
+    train.add_argument("--data", required=True, help="dataset folder")
+    train.add_argument("--layout", choices=["camvid", "voc", "folder"], help="dataset layout (default: detected)")
+    train.add_argument("--backbone", default="resnet18", help="registered backbone (default: resnet18)")
+    train.add_argument("--fcn", default="8s", choices=["32s", "16s", "8s"], help="FCN variant (default: 8s)")
+    train.add_argument("--weights", default="none", help="trunk initialisation: none, imagenet or a state_dict PATH")
+    train.add_argument("--epochs", type=_positive_int, default=30)
+    train.add_argument("--batch-size", type=_positive_int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    train.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
+    train.add_argument("--schedule", choices=["poly", "cosine"], default="poly")
+    train.add_argument("--weight-decay", type=float, default=1e-4)
+    train.add_argument(
+        "--class-weights",
+        choices=["none", "median-freq"],
+        default="none",
+        help="median-freq: SegNet's median-frequency class balancing",
+    )
+    train.add_argument(
+        "--input-scale",
+        type=float,
+        default=1.0,
+        help="resolution factor the model works at, applied again at inference (e.g. 0.5)",
+    )
+    train.add_argument(
+        "--crop",
+        type=_input_size,
+        metavar="HxW",
+        help="training crop at network resolution (default: the scaled image, to a multiple of 32)",
+    )
+    train.add_argument(
+        "--scale-range",
+        type=_pair_of(float, ","),
+        default=(0.75, 1.5),
+        metavar="LOW,HIGH",
+        help="random scale factor range around --input-scale (default: 0.75,1.5)",
+    )
+    train.add_argument("--jitter", type=float, default=0.2, help="colour jitter strength, 0 to disable")
+    train.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    train.add_argument("--freeze-upsampling", action="store_true", help="keep the bilinear deconvolutions fixed")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    train.add_argument(
+        "--checkpoint-every", type=int, default=0, metavar="K", help="also write last.pt every K optimizer steps"
+    )
+    train.add_argument("--val-every", type=_positive_int, default=1, metavar="N", help="validate every N epochs")
+    train.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from last.pt")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="FCN metrics of a model on a labelled split")
+    evaluate.add_argument("model", help="a checkpoint (.pt)")
+    evaluate.add_argument("--data", required=True, help="dataset folder")
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--layout", choices=["camvid", "voc", "folder"], help="dataset layout (default: detected)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=4)
+    evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=cmd_evaluate)
     return parser
 
 

@@ -46,9 +46,12 @@ def test_output_size_equals_input_size(small_fcns, height: int, width: int, vari
 
 @settings(max_examples=30, deadline=None)
 @given(
-    height=sides, width=sides, batch=st.integers(1, 3),
-    variant=st.sampled_from(VARIANTS), backbone=st.sampled_from(list(BACKBONES)),
-)  # fmt: skip
+    height=sides,
+    width=sides,
+    batch=st.integers(1, 3),
+    variant=st.sampled_from(VARIANTS),
+    backbone=st.sampled_from(list(BACKBONES)),
+)
 def test_every_backbone_keeps_the_input_size(height: int, width: int, batch: int, variant: str, backbone: str) -> None:
     # The meta device computes shapes with PyTorch's own shape functions and no arithmetic: all 16 backbones
     # (VGG and AlexNet included) over hundreds of sizes in seconds.

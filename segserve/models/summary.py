@@ -41,8 +41,12 @@ class ModelSummary:
     total: int = 0
 
     def to_dict(self) -> dict:
-        return {"model": self.title, "input": list(self.input_size), "total": self.total,
-                "layers": [asdict(row) for row in self.rows]}  # fmt: skip
+        return {
+            "model": self.title,
+            "input": list(self.input_size),
+            "total": self.total,
+            "layers": [asdict(row) for row in self.rows],
+        }
 
 
 def summarize(model: nn.Module, title: str, input_size: tuple[int, int]) -> ModelSummary:

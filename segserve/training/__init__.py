@@ -1,0 +1,1 @@
+"""Training and evaluation (extra: train): augmentation, the training loop, checkpoints, records."""
