@@ -216,7 +216,7 @@ def load_image(path: Path) -> np.ndarray:
     """An H x W x 3 uint8 RGB array."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
     except OSError as error:
         raise DatasetError(f"{path}: cannot read image ({error})") from error
 

@@ -39,3 +39,75 @@ def segserve_command() -> list[str]:
     found = str(script) if script.exists() else shutil.which("segserve")
     assert found, "the segserve console script is not installed: pip install -e '.[dev]'"
     return [found]
+
+
+# ---- synthetic labelled collections in the three layouts -------------------------------------------------------
+
+SYNTHETIC_CLASSES = ["background", "box", "stripe"]
+SYNTHETIC_COLOURS = [[0, 0, 0], [200, 40, 40], [40, 40, 200]]
+
+
+def synthetic_pair(index: int, size: tuple[int, int] = (48, 64)):
+    """An RGB image and its label map: a red box (class 1) and a blue stripe (class 2) on noise (class 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(index)
+    height, width = size
+    image = rng.integers(60, 140, size=(height, width, 3), dtype=np.uint8)
+    labels = np.zeros((height, width), dtype=np.uint8)
+    top, left = int(rng.integers(0, height // 2)), int(rng.integers(0, width // 2))
+    labels[top : top + height // 3, left : left + width // 3] = 1
+    column = int(rng.integers(0, width - 6))
+    labels[:, column : column + 5] = 2
+    for cls, colour in ((1, (220, 40, 40)), (2, (40, 40, 220))):
+        image[labels == cls] = colour
+    return image, labels
+
+
+def write_dataset(root: Path, layout: str, train: int = 8, val: int = 3, size: tuple[int, int] = (48, 64)) -> Path:
+    """A tiny labelled collection on disk in ``layout`` (camvid, voc or folder); returns its root."""
+    import json
+
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    ignore = 11 if layout == "camvid" else 255
+    names = SYNTHETIC_CLASSES
+    for split, count in (("train", train), ("val", val)):
+        ids = [f"{split}_{i:03d}" for i in range(count)]
+        for n, name in enumerate(ids):
+            image, labels = synthetic_pair(n + (0 if split == "train" else 1000), size)
+            labels = labels.copy()
+            labels[0, :3] = ignore  # a few ignored pixels
+            if layout == "camvid":
+                (root / split).mkdir(exist_ok=True)
+                (root / f"{split}annot").mkdir(exist_ok=True)
+                Image.fromarray(image).save(root / split / f"{name}.png")
+                Image.fromarray(labels).save(root / f"{split}annot" / f"{name}.png")
+            elif layout == "voc":
+                for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+                    (root / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=98)
+                mask = Image.fromarray(labels).convert("P")  # indices kept; a full 256-colour palette as VOC's
+                palette = [v for c in SYNTHETIC_COLOURS for v in c]
+                mask.putpalette(palette + [224] * (768 - len(palette)))
+                mask.save(root / "SegmentationClass" / f"{name}.png")
+            else:
+                (root / split / "images").mkdir(parents=True, exist_ok=True)
+                (root / split / "masks").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(root / split / "images" / f"{name}.png")
+                Image.fromarray(labels).save(root / split / "masks" / f"{name}.png")
+        if layout == "voc":
+            (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    if layout != "voc":
+        spec = {"classes": names, "colors": SYNTHETIC_COLOURS, "ignore_index": ignore}
+        (root / "classes.json").write_text(json.dumps(spec))
+    return root
+
+
+@pytest.fixture
+def dataset_factory(tmp_path: Path):
+    def make(layout: str = "camvid", **kwargs) -> Path:
+        return write_dataset(tmp_path / f"data_{layout}", layout, **kwargs)
+
+    return make

@@ -280,10 +280,14 @@ def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     final: dict[str, Any] = {}
     while epoch < config.epochs:
         pipeline.train()
+        # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG when created,
+        # which a resumed run does mid-epoch, shifting every later dropout mask.
+        batches = _EpochBatches(len(train_pairs), config.batch_size, config.seed, epoch, batch_start)
         loader = DataLoader(
             dataset,
-            batch_sampler=_EpochBatches(len(train_pairs), config.batch_size, config.seed, epoch, batch_start),
+            batch_sampler=batches,
             num_workers=config.workers,
+            generator=torch.Generator().manual_seed(config.seed),
         )
         losses: list[float] = []
         started = time.perf_counter()

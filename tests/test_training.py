@@ -1,0 +1,149 @@
+"""Training end to end through the CLI: records, atomic checkpoints, exact resume after SIGKILL, evaluate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segserve.training.augment import AugmentConfig, augment
+from segserve.training.checkpoint import FORMAT, CheckpointError, load_checkpoint
+
+TRAIN = ["train", "--backbone", "mobilenet_v3_small", "--fcn", "8s", "--batch-size", "4", "--lr", "3e-3",
+         "--seed", "7", "--no-progress"]  # fmt: skip
+
+
+def run(command: list[str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, segserve_command: list[str]) -> tuple[Path, Path, str]:
+    from conftest import write_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    data = write_dataset(root / "data", "camvid", train=8, val=3)
+    out = root / "run"
+    result = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "3", "--out", str(out),
+                 "--class-weights", "median-freq")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return data, out, result.stdout
+
+
+def test_run_dir_holds_every_record(trained_run: tuple[Path, Path, str]) -> None:
+    _, out, stdout = trained_run
+    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png", "confusion.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp")), "temporary files left behind"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(0 <= float(r["mean_iou"]) <= 1 for r in rows)
+    assert stdout.count("val pixel acc") == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"].startswith("segserve train --backbone mobilenet_v3_small")
+    assert config["model"]["classes"] == ["background", "box", "stripe"]
+    for png in ("curves.png", "confusion.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_is_complete_and_loads_weights_only(trained_run: tuple[Path, Path, str]) -> None:
+    _, out, _ = trained_run
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["format"] == FORMAT
+    assert {"model_config", "model", "optimizer", "scheduler", "epoch", "batch", "step", "rng"} <= set(checkpoint)
+    config = checkpoint["model_config"]
+    assert config["backbone"] == "mobilenet_v3_small" and config["variant"] == "8s"
+    assert len(config["palette"]) == 3 and len(config["mean"]) == 3 and config["input_scale"] == 1.0
+    assert checkpoint["epoch"] == 3 and checkpoint["batch"] == 0 and checkpoint["step"] == 6
+    assert {"torch", "numpy", "python"} <= set(checkpoint["rng"])
+
+
+def test_evaluate_reprints_the_training_figures(trained_run, segserve_command, tmp_path: Path) -> None:
+    data, out, _ = trained_run
+    best = load_checkpoint(out / "best.pt")
+    result = run(segserve_command, "evaluate", str(out / "best.pt"), "--data", str(data), "--split", "val",
+                 "--json", str(tmp_path / "m.json"), "--no-progress")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "m.json").read_text())
+    logged = best["model_config"]["validation"]
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou"):
+        assert figures[key] == pytest.approx(logged[key], abs=1e-12), key
+    assert f"{100 * logged['mean_iou']:6.2f}" in result.stdout
+    row = next(r for r in csv.DictReader((out / "metrics.csv").open()) if int(r["epoch"]) == logged["epoch"])
+    assert float(row["mean_iou"]) == pytest.approx(figures["mean_iou"], abs=1e-12)
+
+
+def test_existing_run_is_not_overwritten(trained_run, segserve_command) -> None:
+    data, out, _ = trained_run
+    before = (out / "last.pt").stat().st_mtime_ns
+    result = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "3", "--out", str(out))
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    changed = run(segserve_command, *TRAIN[:-3], "--seed", "8", "--data", str(data), "--epochs", "4", "--out",
+                  str(out), "--resume")  # fmt: skip
+    assert changed.returncode == 2 and "started with seed=7" in changed.stderr
+    assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path, segserve_command: list[str]) -> None:
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", "camvid", train=8, val=2, size=(96, 128))
+    args = [*TRAIN, "--data", str(data), "--epochs", "4", "--checkpoint-every", "1", "--jitter", "0.3"]
+    reference = run(segserve_command, *args, "--out", str(tmp_path / "straight"))
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([*segserve_command, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted = load_checkpoint(out / "last.pt")
+    assert (interrupted["epoch"], interrupted["batch"]) < (4, 0), "killed after the run had finished"
+
+    resumed = run(segserve_command, *args, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(out / "last.pt")
+    assert a["step"] == b["step"] == 8
+    diff = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
+    assert diff <= 1e-6
+    config = json.loads((out / "config.json").read_text())
+    assert config["resumed"][0]["command"].endswith("--resume")
+
+
+def test_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match=r"cut\.pt is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"other\.pt is not a segserve checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_augmentation_is_a_function_of_its_seed() -> None:
+    from conftest import synthetic_pair
+
+    image, mask = synthetic_pair(0, (60, 80))
+    config = AugmentConfig(input_scale=0.5, scale_range=(0.75, 1.5), crop=(48, 64), jitter=0.2)
+    mean = torch.tensor([100.0, 100.0, 100.0])
+    a = augment(image, mask, mean, config, np.random.default_rng([1, 2, 3]))
+    b = augment(image, mask, mean, config, np.random.default_rng([1, 2, 3]))
+    c = augment(image, mask, mean, config, np.random.default_rng([1, 2, 4]))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == (3, 48, 64) and a[1].shape == (48, 64)
+    # At scale 0.5 x <=1.5 the 60x80 image is at most 45x60: the crop is padded with ignored labels.
+    assert (a[1] == 255).any()
+    assert set(a[1].unique().tolist()) <= {0, 1, 2, 255}
