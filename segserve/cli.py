@@ -181,26 +181,105 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_model(model: str, collection, batch_size: int, progress: bool):
+    from segserve.training.evaluate import evaluate
+
+    if model.endswith(".onnx"):  # the serving runtime: no torch needed
+        from segserve.runtime import ModelFileError, load_model
+
+        try:
+            loaded = load_model(model)
+        except ModelFileError as error:
+            raise UsageError(str(error)) from error
+        _check_classes(model, loaded.metadata.classes, collection)
+
+        def run(images):
+            return loaded.session.run(["labels"], {"images": images})[0]
+
+        return evaluate(run, collection, batch_size=batch_size, progress=progress)
+
     _torch_side()
     import torch
 
     from segserve.training.checkpoint import CheckpointError, load_checkpoint, pipeline_from_checkpoint
-    from segserve.training.evaluate import evaluate
 
     try:
         checkpoint = load_checkpoint(model)
     except CheckpointError as error:
         raise UsageError(str(error)) from error
     pipeline = pipeline_from_checkpoint(checkpoint)
-    classes = tuple(checkpoint["model_config"]["classes"])
-    if classes != collection.classes.names:
-        raise UsageError(f"{model} predicts classes {classes}, but the data has {collection.classes.names}")
+    _check_classes(model, tuple(checkpoint["model_config"]["classes"]), collection)
 
     def predict(images):
         with torch.no_grad():
             return pipeline(torch.from_numpy(images).permute(0, 3, 1, 2)).argmax(1).numpy()
 
     return evaluate(predict, collection, batch_size=batch_size, progress=progress)
+
+
+def _check_classes(model: str, classes: tuple[str, ...], collection) -> None:
+    if tuple(classes) != collection.classes.names:
+        raise UsageError(f"{model} predicts classes {tuple(classes)}, but the data has {collection.classes.names}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint (or a convolutionalized classifier) to ONNX, optionally checking parity."""
+    _torch_side()
+    from segserve.export import check_export, checkpoint_graph, classifier_graph, export_onnx, format_parity
+    from segserve.models.backbones import WeightsError
+    from segserve.training.checkpoint import CheckpointError, load_checkpoint
+
+    if (args.checkpoint is None) == (args.classifier is None):
+        raise UsageError("give either a CHECKPOINT or --classifier BACKBONE")
+    try:
+        if args.classifier:
+            graph, metadata = classifier_graph(args.classifier, args.weights)
+        else:
+            graph, metadata = checkpoint_graph(load_checkpoint(args.checkpoint))
+    except (CheckpointError, WeightsError, ValueError) as error:
+        raise UsageError(str(error)) from error
+
+    failures: list[str] = []
+
+    def verify(path: Path) -> None:
+        rows = check_export(graph, path)
+        print("onnx.checker (full_check): passed")
+        print(format_parity(rows))
+        worst = max(r.max_abs_diff for r in rows)
+        agreement = min(r.argmax_agreement for r in rows)
+        if worst > args.tolerance or agreement < 0.999:
+            failures.append(
+                f"parity check failed: max |logit diff| {worst:.2e} (limit {args.tolerance:g}), "
+                f"argmax agreement {100 * agreement:.3f}% (limit 99.9%)"
+            )
+            raise RuntimeError(failures[-1])
+
+    try:
+        path = export_onnx(graph, args.output, metadata, opset=args.opset, verify=verify if args.check else None)
+    except RuntimeError as error:
+        if failures:
+            print(f"segserve: error: {failures[-1]}; {args.output} was not written", file=sys.stderr)
+            return 1
+        raise UsageError(f"export failed: {error}") from error
+    size = path.stat().st_size / 1e6
+    print(
+        f"wrote {path} ({size:.1f} MB): {metadata.kind}, {metadata.backbone} {metadata.variant or ''}, "
+        f"{len(metadata.classes)} classes"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print an exported model's metadata (torch-free)."""
+    from segserve.runtime import ModelFileError, load_model
+
+    try:
+        loaded = load_model(args.model)
+    except (ModelFileError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    card = json.loads(loaded.metadata.to_json())
+    card["providers"] = loaded.providers
+    print(json.dumps(card, indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="FCN metrics of a model on a labelled split")
-    evaluate.add_argument("model", help="a checkpoint (.pt)")
+    evaluate.add_argument("model", help="a checkpoint (.pt) or an exported model (.onnx)")
     evaluate.add_argument("--data", required=True, help="dataset folder")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--layout", choices=["camvid", "voc", "folder"], help="dataset layout (default: detected)")
@@ -295,6 +374,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="export a checkpoint or a convolutionalized classifier to ONNX",
+        description="Write an .onnx file with dynamic batch/height/width and segserve "
+        "metadata. Input: uint8 N x H x W x 3 RGB; outputs: logits, labels.",
+    )
+    export.add_argument("checkpoint", nargs="?", help="training checkpoint (.pt)")
+    export.add_argument("--classifier", metavar="BACKBONE", help="export this torchvision classifier as a heatmap net")
+    export.add_argument("--weights", default=None, help="with --classifier: none, imagenet or a state_dict PATH")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=_positive_int, default=18)
+    export.add_argument(
+        "--check",
+        action="store_true",
+        help="full onnx check and onnxruntime-vs-PyTorch parity; the file is kept only if it passes",
+    )
+    export.add_argument("--tolerance", type=float, default=1e-3, help="--check: max |logit diff| (default 1e-3)")
+    export.set_defaults(run=cmd_export)
+
+    info = commands.add_parser("info", help="show an exported model's metadata and the providers it would run on")
+    info.add_argument("model", help="an .onnx file written by segserve export")
+    info.set_defaults(run=cmd_info)
     return parser
 
 

@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: torchvision's ImageNet normalisation (pixel values in [0, 1]); what ImageNet-trained trunks expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def scale_fraction(scale: float) -> Fraction:
     """``scale`` as a small fraction (0.5 -> 1/2), so resized sizes are integer arithmetic on symbolic shapes."""

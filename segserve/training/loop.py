@@ -28,7 +28,7 @@ from segserve.datasets import IGNORE, Collection, LabelStatistics, check_pairs, 
 from segserve.metrics import SegmentationMetrics, format_metrics
 from segserve.models.backbones import WeightsArg
 from segserve.models.fcn import build_fcn
-from segserve.models.pipeline import SegmentationPipeline
+from segserve.models.pipeline import IMAGENET_MEAN, IMAGENET_STD, SegmentationPipeline
 from segserve.training.augment import AugmentConfig, augment
 from segserve.training.checkpoint import (
     FORMAT,
@@ -39,9 +39,6 @@ from segserve.training.checkpoint import (
 )
 from segserve.training.evaluate import evaluate, pairs_of
 from segserve.training.records import plot_confusion, plot_curves, write_metrics_csv
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TrainingError(ValueError):

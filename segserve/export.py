@@ -1,0 +1,164 @@
+"""ONNX export: a trained checkpoint or a convolutionalized classifier -> one self-describing .onnx file.
+
+The graph follows the contract in :mod:`segserve.modelcard` (uint8 NHWC RGB in; full-resolution logits and
+labels out; normalisation and inference scale inside), with dynamic batch, height and width. The file is written
+atomically, with an IR version onnxruntime loads (onnx 1.23 writes IR 14 by default, onnxruntime 1.31 reads at
+most 13), and ``check_export`` measures its parity against PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+import segserve
+from segserve.datasets import voc_palette
+from segserve.modelcard import METADATA_KEY, ModelMetadata
+from segserve.models.backbones import WeightsArg, get_backbone, load_classifier
+from segserve.models.convolutionalize import convolutionalize
+from segserve.models.pipeline import IMAGENET_MEAN, IMAGENET_STD, SegmentationPipeline
+
+#: IR version written into every file: IR 10 (onnx 1.16) is read by onnxruntime >= 1.17.
+IR_VERSION = 10
+DEFAULT_OPSET = 18
+PARITY_SIZES = ((1, 1), (7, 13), (224, 224), (333, 517))
+
+
+class ExportGraph(nn.Module):
+    """uint8 N x H x W x 3 -> (float32 logits N x C x h x w, labels N x h x w); h, w = H, W for FCNs."""
+
+    def __init__(self, pipeline: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+        self.label_dtype = torch.uint8 if num_classes <= 256 else torch.uint16
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.pipeline(images.permute(0, 3, 1, 2))
+        return logits, logits.argmax(1).to(self.label_dtype)
+
+
+def export_onnx(
+    graph: ExportGraph,
+    path: str | os.PathLike[str],
+    metadata: ModelMetadata,
+    opset: int = DEFAULT_OPSET,
+    verify: Callable[[Path], None] | None = None,
+) -> Path:
+    """Export ``graph`` with dynamic batch/height/width and ``metadata`` to ``path``.
+
+    The file appears at ``path`` only once complete and, with ``verify``, only if ``verify(temporary_path)``
+    returns without raising: a failed check leaves no file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = graph.eval()
+    example = torch.zeros(2, 64, 96, 3, dtype=torch.uint8)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("height"), 2: torch.export.Dim("width")}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph, (example,), None, input_names=["images"], output_names=["logits", "labels"],
+            dynamic_shapes={"images": dims}, opset_version=opset, dynamo=True, verbose=False,
+        )  # fmt: skip
+    model = program.model_proto
+    model.ir_version = IR_VERSION
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata.to_json()
+    model.producer_name, model.producer_version = "segserve", segserve.__version__
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
+    try:
+        onnx.save_model(model, str(temporary))
+        if verify is not None:
+            verify(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def checkpoint_graph(payload: dict) -> tuple[ExportGraph, ModelMetadata]:
+    """The export graph and metadata of a training checkpoint (see segserve.training.checkpoint)."""
+    from segserve.training.checkpoint import pipeline_from_checkpoint
+
+    config = payload["model_config"]
+    pipeline = pipeline_from_checkpoint(payload)
+    strides = {"32s": 32, "16s": 16, "8s": 8}
+    metadata = ModelMetadata(
+        kind="segmentation", classes=tuple(config["classes"]),
+        palette=tuple(tuple(c) for c in config["palette"]), mean=tuple(config["mean"]), std=tuple(config["std"]),
+        input_scale=float(config["input_scale"]), backbone=config["backbone"], variant=config["variant"],
+        output_stride=strides[config["variant"]], label_dtype="uint8" if len(config["classes"]) <= 256 else "uint16",
+        segserve_version=segserve.__version__, training_data=config.get("training_data"),
+        validation=config.get("validation"),
+    )  # fmt: skip
+    return ExportGraph(pipeline, len(config["classes"])), metadata
+
+
+def classifier_graph(backbone: str, weights: WeightsArg = None) -> tuple[ExportGraph, ModelMetadata]:
+    """A convolutionalized ImageNet classifier as a heatmap model.
+
+    Its outputs stay at the heatmap's own coarse resolution (1000 full-resolution class maps of a 1024x768
+    image would be 3 GB); ``outputs_at_input_size=False`` tells the runtime to resize what it needs.
+    """
+    spec = get_backbone(backbone)
+    twin = convolutionalize(load_classifier(backbone, weights), copy_weights=False)
+    pipeline = SegmentationPipeline(twin, IMAGENET_MEAN, IMAGENET_STD, 1.0)
+    categories = tuple(spec.imagenet_weights().meta["categories"])
+    metadata = ModelMetadata(
+        kind="classifier-heatmap", classes=categories, palette=voc_palette(len(categories)), mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, input_scale=1.0, backbone=backbone, variant=None, output_stride=32, label_dtype="uint16",
+        segserve_version=segserve.__version__, outputs_at_input_size=False,
+        training_data="ImageNet (torchvision DEFAULT weights)" if weights == "imagenet" else None,
+        notes={"weights": str(weights) if weights is not None else "random",
+               "heatmap": "convolutionalized classifier scores, one position per 32 input pixels"},
+    )  # fmt: skip
+    return ExportGraph(pipeline, len(categories)), metadata
+
+
+@dataclass
+class ParityRow:
+    batch: int
+    height: int
+    width: int
+    max_abs_diff: float
+    argmax_agreement: float
+
+
+def check_export(graph: ExportGraph, path: str | os.PathLike[str],
+                 sizes: tuple[tuple[int, int], ...] = PARITY_SIZES, batches: tuple[int, ...] = (1, 3),
+                 seed: int = 0) -> list[ParityRow]:  # fmt: skip
+    """onnx's full checker, then onnxruntime (CPU) against PyTorch on random images of several sizes."""
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = np.random.default_rng(seed)
+    rows = []
+    graph = graph.eval()
+    for batch in batches:
+        for height, width in sizes:
+            images = generator.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8)
+            logits, labels = session.run(["logits", "labels"], {"images": images})
+            with torch.no_grad():
+                reference = graph.pipeline(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+            rows.append(ParityRow(batch, height, width, float(np.abs(logits - reference).max()),
+                                  float((labels == reference.argmax(1)).mean())))  # fmt: skip
+    return rows
+
+
+def format_parity(rows: list[ParityRow]) -> str:
+    lines = ["batch  size        max |logit diff|  argmax agreement"]
+    for r in rows:
+        lines.append(
+            f"{r.batch:>5}  {f'{r.height}x{r.width}':<10}  {r.max_abs_diff:>16.2e}  {100 * r.argmax_agreement:>15.3f}%"
+        )
+    return "\n".join(lines)

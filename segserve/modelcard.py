@@ -1,0 +1,91 @@
+"""The metadata contract between an exported .onnx file and everything that serves it (no torch, no onnx).
+
+``segserve export`` writes one ``metadata_props`` entry, key :data:`METADATA_KEY`, holding this JSON object;
+onnxruntime exposes it as ``session.get_modelmeta().custom_metadata_map``. Everything the serving side needs to
+turn the graph's outputs into answers is here: class names and colours, the input contract, what the graph
+already does (normalisation, inference scale) and the model's measured figures.
+
+Graph contract (format ``segserve-onnx/1``):
+
+* input ``images``: uint8, N x H x W x 3, RGB, any N, H, W >= 1 (the layout numpy and Pillow give);
+* output ``logits``: float32, N x C x H x W, the class scores at the input's full resolution;
+* output ``labels``: N x H x W class indices (uint8 up to 256 classes, else uint16), the argmax of ``logits``.
+
+A convolutionalized classifier (``kind="classifier-heatmap"``) keeps both outputs at its heatmap's coarse
+resolution, one position per 32 pixels (``outputs_at_input_size=False``); the runtime resizes what it uses.
+
+Normalisation and the inference scale (resize by ``input_scale`` before the network, back to H x W after) run
+inside the graph, so a runtime feeds decoded pixels and reads answers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT = "segserve-onnx/1"
+METADATA_KEY = "segserve"
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be served: the message names the file and the problem in one line."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What an exported model is and how to call it."""
+
+    kind: str  # "segmentation" (an FCN) or "classifier-heatmap" (a convolutionalized ImageNet classifier)
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_scale: float
+    backbone: str
+    variant: str | None
+    output_stride: int
+    label_dtype: str
+    segserve_version: str
+    input_name: str = "images"
+    input_layout: str = "NHWC uint8 RGB"
+    outputs: tuple[str, ...] = ("logits", "labels")
+    outputs_at_input_size: bool = True  # False: coarse heatmaps (a convolutionalized classifier)
+    training_data: str | None = None
+    validation: dict[str, Any] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if len(self.palette) != len(self.classes):
+            raise ValueError(f"{len(self.classes)} classes but {len(self.palette)} palette colours")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> ModelMetadata:
+        """Parse and check the metadata JSON; ``source`` names the file in errors."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ModelFileError(f"{source}: segserve metadata is not valid JSON ({error})") from None
+        found = raw.get("format") if isinstance(raw, dict) else None
+        if found != FORMAT:
+            raise ModelFileError(
+                f"{source}: segserve metadata format {found!r} is not one this segserve reads ({FORMAT!r}); "
+                "re-export the model with this version or upgrade segserve"
+            )
+        try:
+            return cls(
+                **{
+                    **raw,
+                    "classes": tuple(raw["classes"]),
+                    "palette": tuple(tuple(int(v) for v in c) for c in raw["palette"]),
+                    "mean": tuple(raw["mean"]),
+                    "std": tuple(raw["std"]),
+                    "outputs": tuple(raw.get("outputs", ("logits", "labels"))),
+                }
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelFileError(f"{source}: segserve metadata is incomplete or malformed ({error})") from None

@@ -1,0 +1,146 @@
+"""ONNX export: dynamic sizes, parity with PyTorch in onnxruntime, metadata round trip, clear refusals."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from segserve.export import IR_VERSION, check_export, checkpoint_graph, classifier_graph, export_onnx
+from segserve.modelcard import METADATA_KEY, ModelFileError
+from segserve.runtime import load_model
+from segserve.training.checkpoint import FORMAT, build_pipeline
+
+SIZES = ((1, 1), (7, 13), (224, 224), (333, 517), (768, 1024))
+CLASSES = ["sky", "road", "car", "tree", "person"]
+
+
+def fake_checkpoint(variant: str, input_scale: float = 1.0, backbone: str = "resnet18") -> dict:
+    """A checkpoint payload whose FCN gives varied, well-scaled logits (trained nets do; zero-init ones don't)."""
+    config = {
+        "backbone": backbone, "variant": variant, "classes": CLASSES,
+        "palette": [[70, 130, 180], [128, 64, 128], [0, 0, 142], [107, 142, 35], [220, 20, 60]],
+        "mean": [0.4, 0.42, 0.41], "std": [0.28, 0.27, 0.29], "input_scale": input_scale,
+        "training_data": "synthetic", "validation": {"mean_iou": 0.5},
+    }  # fmt: skip
+    torch.manual_seed(0)
+    pipeline = build_pipeline(config).eval()
+    with torch.no_grad():
+        for name, parameter in pipeline.named_parameters():
+            if "score" in name:
+                parameter.normal_(0, 0.05)
+    return {"format": FORMAT, "model_config": config, "model": pipeline.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, tuple]:
+    folder = tmp_path_factory.mktemp("onnx")
+    made = {}
+    for variant in ("32s", "16s", "8s"):
+        graph, metadata = checkpoint_graph(fake_checkpoint(variant))
+        made[variant] = (graph, metadata, export_onnx(graph, folder / f"fcn{variant}.onnx", metadata))
+    graph, metadata = classifier_graph("resnet18")
+    made["classifier"] = (graph, metadata, export_onnx(graph, folder / "classifier.onnx", metadata))
+    return made
+
+
+@pytest.mark.parametrize("name", ["32s", "16s", "8s", "classifier"])
+def test_onnxruntime_matches_pytorch_at_every_size(exports, name: str) -> None:
+    graph, _, path = exports[name]
+    model = onnx.load(str(path))
+    assert model.ir_version == IR_VERSION
+    rows = check_export(graph, path, sizes=SIZES, batches=(1, 3))  # includes onnx.checker full_check
+    assert len(rows) == 2 * len(SIZES)
+    for row in rows:
+        assert row.max_abs_diff <= 1e-3, row
+        assert row.argmax_agreement >= 0.999, row
+
+
+@pytest.mark.parametrize("name", ["8s", "classifier"])
+def test_output_sizes(exports, name: str) -> None:
+    _, metadata, path = exports[name]
+    session = load_model(path).session
+    for height, width in ((1, 1), (7, 13), (333, 517)):
+        logits, labels = session.run(None, {"images": np.zeros((2, height, width, 3), np.uint8)})
+        if metadata.outputs_at_input_size:
+            assert logits.shape == (2, 5, height, width) and labels.shape == (2, height, width)
+            assert labels.dtype == np.uint8
+        else:  # ResNet's coarse heatmap: one position per 32 pixels (rounded up)
+            assert logits.shape == (2, 1000, -(-height // 32), -(-width // 32))
+            assert labels.dtype == np.uint16 and labels.shape == (2, *logits.shape[2:])
+
+
+def test_inference_scale_runs_inside_the_graph(tmp_path: Path) -> None:
+    graph, metadata = checkpoint_graph(fake_checkpoint("8s", input_scale=0.5, backbone="mobilenet_v3_small"))
+    path = export_onnx(graph, tmp_path / "half.onnx", metadata)
+    for row in check_export(graph, path, sizes=((1, 1), (3, 5), (361, 479)), batches=(2,)):
+        assert row.max_abs_diff <= 1e-3 and row.argmax_agreement >= 0.999, row
+    assert load_model(path).metadata.input_scale == 0.5
+
+
+def test_metadata_round_trips_into_the_runtime(exports) -> None:
+    _, metadata, path = exports["8s"]
+    loaded = load_model(path)
+    assert loaded.metadata == metadata
+    assert loaded.metadata.classes == tuple(CLASSES)
+    assert loaded.metadata.palette[2] == (0, 0, 142)
+    assert (loaded.metadata.mean, loaded.metadata.std) == ((0.4, 0.42, 0.41), (0.28, 0.27, 0.29))
+    assert loaded.metadata.backbone == "resnet18" and loaded.metadata.variant == "8s"
+    assert loaded.metadata.validation == {"mean_iou": 0.5}
+    assert loaded.providers == ["CPUExecutionProvider"]
+    classifier = load_model(exports["classifier"][2]).metadata
+    assert (
+        classifier.kind == "classifier-heatmap" and classifier.classes[0] == "tench" and len(classifier.classes) == 1000
+    )
+
+
+def _broken_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    plain = onnx.load(str(good))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(folder / "plain.onnx"))
+    future = onnx.load(str(good))
+    future.metadata_props[0].value = future.metadata_props[0].value.replace("segserve-onnx/1", "segserve-onnx/9")
+    onnx.save(future, str(folder / "future.onnx"))
+    data = good.read_bytes()
+    (folder / "truncated.onnx").write_bytes(data[: len(data) // 3])
+    (folder / "photo.onnx").write_bytes(b"\xff\xd8\xff\xe0 this is a jpeg, not a model")
+    return {
+        "plain": (folder / "plain.onnx", "no segserve metadata"),
+        "future": (folder / "future.onnx", "segserve metadata format 'segserve-onnx/9' is not one this segserve reads"),
+        "truncated": (folder / "truncated.onnx", "cannot load"),
+        "photo": (folder / "photo.onnx", "cannot load: not an ONNX model, or a truncated one"),
+        "missing": (folder / "missing.onnx", "model file does not exist"),
+    }
+
+
+def test_bad_model_files_get_one_line_errors(exports, tmp_path: Path, segserve_command: list[str]) -> None:
+    for path, message in _broken_files(tmp_path, exports["8s"][2]).values():
+        with pytest.raises(ModelFileError) as caught:
+            load_model(path)
+        text = str(caught.value)
+        assert text.startswith(str(path)) and message in text and "\n" not in text
+        result = subprocess.run([*segserve_command, "info", str(path)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"segserve: error: {text}"
+
+
+def test_cli_export_check_writes_a_verified_file(tmp_path: Path, segserve_command: list[str]) -> None:
+    torch.save(fake_checkpoint("16s", backbone="mobilenet_v3_small"), tmp_path / "run.pt")
+    out = tmp_path / "models" / "tiny.onnx"
+    result = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(out), "--check"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "onnx.checker (full_check): passed" in result.stdout and "argmax agreement" in result.stdout
+    assert load_model(out).metadata.variant == "16s"
+    assert METADATA_KEY in {p.key for p in onnx.load(str(out)).metadata_props}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.onnx"]  # no temporary left behind
+
+    failed = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(tmp_path / "x.onnx"),
+                             "--check", "--tolerance", "0"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert failed.returncode == 1 and "parity check failed" in failed.stderr
+    assert not (tmp_path / "x.onnx").exists()
+    assert not list(tmp_path.glob(".*tmp*"))
