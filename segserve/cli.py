@@ -46,10 +46,11 @@ def _torch_side():  # -> module segserve.models
     """``segserve.models``, or a UsageError saying how to install the training extra."""
     try:
         import segserve.models as models
-    except ModuleNotFoundError as error:
-        if error.name in {"torch", "torchvision"}:
-            raise UsageError(f"this command needs {error.name}: pip install 'segserve[train]'") from error
-        raise
+    except ImportError as error:  # torch absent (ModuleNotFoundError) or broken (ImportError from inside it)
+        missing = error.name if error.name in {"torch", "torchvision"} else None
+        if missing is None and "torch" not in str(error):
+            raise
+        raise UsageError(f"this command needs PyTorch ({error}): pip install 'segserve[train]'") from error
     return models
 
 
