@@ -199,21 +199,15 @@ def _evaluate_model(model: str, collection, batch_size: int, progress: bool):
         return evaluate(run, collection, batch_size=batch_size, progress=progress)
 
     _torch_side()
-    import torch
-
+    from segserve.models.pipeline import pipeline_predictor
     from segserve.training.checkpoint import CheckpointError, load_checkpoint, pipeline_from_checkpoint
 
     try:
         checkpoint = load_checkpoint(model)
     except CheckpointError as error:
         raise UsageError(str(error)) from error
-    pipeline = pipeline_from_checkpoint(checkpoint)
     _check_classes(model, tuple(checkpoint["model_config"]["classes"]), collection)
-
-    def predict(images):
-        with torch.no_grad():
-            return pipeline(torch.from_numpy(images).permute(0, 3, 1, 2)).argmax(1).numpy()
-
+    predict = pipeline_predictor(pipeline_from_checkpoint(checkpoint))
     return evaluate(predict, collection, batch_size=batch_size, progress=progress)
 
 

@@ -7,9 +7,10 @@ operations, and the serving side has nothing to reproduce.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,3 +62,16 @@ class SegmentationPipeline(nn.Module):
             return self.fcn(x)
         logits = self.fcn(resize(x, scaled_size(height, width, self.scale)))
         return resize(logits, (height, width))
+
+
+def pipeline_predictor(
+    pipeline: SegmentationPipeline, device: torch.device | str = "cpu"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A predictor for :func:`segserve.training.evaluate.evaluate`: N x H x W x 3 uint8 -> N x H x W labels."""
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+        with torch.no_grad():
+            return pipeline(batch).argmax(1).cpu().numpy()
+
+    return predict

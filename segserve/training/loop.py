@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +28,7 @@ from segserve.datasets import IGNORE, Collection, LabelStatistics, check_pairs, 
 from segserve.metrics import SegmentationMetrics, format_metrics
 from segserve.models.backbones import WeightsArg
 from segserve.models.fcn import build_fcn
-from segserve.models.pipeline import IMAGENET_MEAN, IMAGENET_STD, SegmentationPipeline
+from segserve.models.pipeline import IMAGENET_MEAN, IMAGENET_STD, SegmentationPipeline, pipeline_predictor
 from segserve.training.augment import AugmentConfig, augment
 from segserve.training.checkpoint import (
     FORMAT,
@@ -111,11 +111,8 @@ class _EpochBatches(Sampler[list[tuple[int, int]]]):
         return len(self.batches)
 
 
-def batches_per_epoch(size: int, batch_size: int) -> int:
-    return size // batch_size
-
-
-def _schedule(kind: str, total_steps: int):  # -> Callable[[int], float]
+def _schedule(kind: str, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor at each optimizer step."""
     if kind == "poly":
         return lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9
     if kind == "cosine":
@@ -158,15 +155,6 @@ def _load_pairs(collection: Collection, progress: bool) -> list[tuple[np.ndarray
         leave=False,
     )
     return list(bar)
-
-
-def _predictor(pipeline: SegmentationPipeline, device: torch.device):  # -> Predictor
-    def predict(images: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
-        with torch.no_grad():
-            return pipeline(batch).argmax(1).cpu().numpy()
-
-    return predict
 
 
 def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
@@ -226,7 +214,7 @@ def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         pipeline.to(memory_format=torch.channels_last)
 
-    per_epoch = batches_per_epoch(len(train_pairs), config.batch_size)
+    per_epoch = len(train_pairs) // config.batch_size
     total_steps = per_epoch * config.epochs
     optimizer = _optimizer(config, [p for p in pipeline.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.schedule, total_steps))
@@ -331,7 +319,9 @@ def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         metrics: SegmentationMetrics | None = None
         if epoch % config.val_every == 0 or epoch == config.epochs:
             pipeline.eval()
-            metrics, confusion = evaluate(_predictor(pipeline, device), val_set, val_pairs, progress=config.progress)
+            metrics, confusion = evaluate(
+                pipeline_predictor(pipeline, device), val_set, val_pairs, progress=config.progress
+            )
             row.update(
                 {
                     k: getattr(metrics, k)
