@@ -12,9 +12,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_importing_segserve_does_not_import_torch_or_onnxruntime() -> None:
     code = (
-        "import sys, segserve, segserve.cli; "
+        "import sys, segserve, segserve.cli, segserve.modelcard, segserve.metrics, segserve.datasets; "
         "heavy = sorted(m for m in ('torch', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules); "
         "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_runtime_imports_no_torch() -> None:
+    code = (
+        "import sys, segserve.runtime, segserve.runtime.images, segserve.training.evaluate; "
+        "print(','.join(sorted(m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
