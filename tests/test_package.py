@@ -10,23 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_importing_segserve_does_not_import_torch_or_onnxruntime() -> None:
-    code = (
-        "import sys, segserve, segserve.cli, segserve.modelcard, segserve.metrics, segserve.datasets; "
-        "heavy = sorted(m for m in ('torch', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules); "
-        "print(','.join(heavy))"
-    )
+def heavy_modules_after(imports: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of ``heavy`` a fresh interpreter has loaded after ``import {imports}``."""
+    code = f"import sys, {imports}; print(','.join(sorted(m for m in {heavy!r} if m in sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == ""
+    return [m for m in result.stdout.strip().split(",") if m]
+
+
+def test_importing_segserve_does_not_import_torch_or_onnxruntime() -> None:
+    imports = "segserve, segserve.cli, segserve.modelcard, segserve.metrics, segserve.datasets"
+    assert heavy_modules_after(imports, ("torch", "torchvision", "onnx", "onnxruntime")) == []
 
 
 def test_runtime_imports_no_torch() -> None:
-    code = (
-        "import sys, segserve.runtime, segserve.runtime.images, segserve.training.evaluate; "
-        "print(','.join(sorted(m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules)))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == ""
+    imports = "segserve.runtime, segserve.runtime.images, segserve.training.evaluate"
+    assert heavy_modules_after(imports, ("torch", "torchvision", "onnx")) == []
 
 
 def test_cli_help_does_not_import_torch() -> None:
