@@ -131,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         variant=args.fcn,
         weights=args.weights,
+        init=args.init,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -277,6 +278,61 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Batch-segment files, folders and globs into OUT_DIR (torch-free)."""
+    from segserve.batch import (
+        BatchError,
+        OutputPlan,
+        collect_inputs,
+        iter_failures,
+        parse_classes,
+        parse_kinds,
+        run_batch,
+    )
+    from segserve.runtime import ModelFileError, Segmenter
+
+    plan = OutputPlan(
+        kinds=parse_kinds(args.outputs),
+        classes=parse_classes(args.classes),
+        overlay_format=args.overlay_format,
+        alpha=args.alpha,
+        heatmap_format=args.heatmap_format,
+    )
+    jobs, missing = collect_inputs(args.inputs)
+    for source, reason in missing:
+        print(f"segserve: {source}: {reason}", file=sys.stderr)
+    try:
+        segmenter = Segmenter(args.model, args.providers, tile=args.tile, overlap=args.overlap,
+                              max_pixels=args.max_pixels, threads=args.threads)  # fmt: skip
+    except (ModelFileError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    if not jobs and not missing:
+        raise UsageError("no input images given")
+    progress = not args.no_progress and sys.stderr.isatty()
+
+    def report_failure(source: str, reason: str) -> None:
+        print(f"segserve: failed: {source}: {reason}", file=sys.stderr, flush=True)
+
+    try:
+        report = run_batch(segmenter, jobs, Path(args.output), plan, batch_size=args.batch_size,
+                           workers=args.workers, resume=args.resume, progress=progress,
+                           report_failure=report_failure if not progress else None)  # fmt: skip
+    except BatchError as error:
+        raise UsageError(str(error)) from error
+    except KeyboardInterrupt:
+        print("segserve: interrupted; finished outputs are complete, rerun with --resume", file=sys.stderr)
+        return 130
+    print(report.line(), file=sys.stderr)
+    if report.failed or missing:
+        print(f"failed ({len(report.failed) + len(missing)}):", file=sys.stderr)
+        for line in iter_failures(report):
+            print(line, file=sys.stderr)
+        for source, reason in missing:
+            print(f"  {source}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segserve",
@@ -315,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone", default="resnet18", help="registered backbone (default: resnet18)")
     train.add_argument("--fcn", default="8s", choices=["32s", "16s", "8s"], help="FCN variant (default: 8s)")
     train.add_argument("--weights", default="none", help="trunk initialisation: none, imagenet or a state_dict PATH")
+    train.add_argument(
+        "--init", metavar="CHECKPOINT", help="fine-tune: start from this checkpoint's weights (fresh optimizer)"
+    )
     train.add_argument("--epochs", type=_positive_int, default=30)
     train.add_argument("--batch-size", type=_positive_int, default=8)
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
@@ -323,9 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument(
         "--class-weights",
-        choices=["none", "median-freq"],
+        choices=["none", "median-freq", "sqrt-median-freq"],
         default="none",
-        help="median-freq: SegNet's median-frequency class balancing",
+        help="median-freq: SegNet's median-frequency class balancing; sqrt-median-freq: its square root",
     )
     train.add_argument(
         "--input-scale",
@@ -388,6 +447,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--tolerance", type=float, default=1e-3, help="--check: max |logit diff| (default 1e-3)")
     export.set_defaults(run=cmd_export)
+
+    segment = commands.add_parser(
+        "segment",
+        help="batch-segment images (files, folders, globs) into a folder",
+        description="Segment every input with an exported model. Outputs mirror the inputs' relative paths under "
+        "OUT_DIR: NAME.labels.png (palette PNG of class indices), NAME.overlay.png|jpg, NAME.heatmaps.npz (float16 "
+        "per class) or NAME.heatmaps/ (8-bit PNGs), NAME.json (summary). Each file appears complete or not at all. "
+        "Exit status 1 if any input failed (all are listed), 2 for a bad request.",
+    )
+    segment.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    segment.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
+    segment.add_argument("--model", help="an exported .onnx model (default: $SEGSERVE_MODEL or the shipped one)")
+    segment.add_argument("--outputs", default="labels", help="comma list of labels,overlay,heatmaps,json")
+    segment.add_argument("--classes", help="heatmaps for these classes only (comma list of names)")
+    segment.add_argument("--heatmap-format", choices=["npz", "png"], default="npz")
+    segment.add_argument("--overlay-format", choices=["png", "jpeg"], default="png")
+    segment.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight (default 0.5)")
+    segment.add_argument("--batch-size", type=_positive_int, default=1, help="same-size images per model call")
+    segment.add_argument("--workers", type=_positive_int, default=2, help="decode and encode threads each")
+    segment.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads (default: all cores)")
+    segment.add_argument("--tile", type=_positive_int, default=1024, help="tile side for large images (px)")
+    segment.add_argument("--overlap", type=int, default=256, help="tile overlap (px, default 256)")
+    segment.add_argument("--max-pixels", type=_positive_int, help="refuse larger images (default 150M pixels)")
+    segment.add_argument("--providers", type=lambda t: [p.strip() for p in t.split(",") if p.strip()],
+                         help="comma list of onnxruntime providers (default: best available)")  # fmt: skip
+    segment.add_argument("--resume", action="store_true", help="skip inputs whose outputs all exist")
+    segment.add_argument("--no-progress", action="store_true", help="no progress bar")
+    segment.set_defaults(run=cmd_segment)
 
     info = commands.add_parser("info", help="show an exported model's metadata and the providers it would run on")
     info.add_argument("model", help="an .onnx file written by segserve export")

@@ -111,3 +111,28 @@ def dataset_factory(tmp_path: Path):
         return write_dataset(tmp_path / f"data_{layout}", layout, **kwargs)
 
     return make
+
+
+# ---- the serving side without torch ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torchless_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which ``import torch`` / ``import torchvision`` raise, as on a serving image."""
+    blocker = tmp_path / "torch-blocker"
+    for name in ("torch", "torchvision"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    return {"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> tuple[Path, nn.Module]:
+    """A MobileNetV3-small FCN-8s at input scale 0.5 exported to ONNX: (path, the PyTorch pipeline it came from)."""
+    from test_export import fake_checkpoint
+
+    from segserve.export import checkpoint_graph, export_onnx
+
+    graph, metadata = checkpoint_graph(fake_checkpoint("8s", input_scale=0.5, backbone="mobilenet_v3_small"))
+    path = export_onnx(graph, tmp_path_factory.mktemp("small-model") / "small.onnx", metadata)
+    return path, graph.pipeline.eval()

@@ -146,7 +146,7 @@ def test_cli_export_check_writes_a_verified_file(tmp_path: Path, segserve_comman
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_evaluating_an_onnx_file_needs_no_torch(exports, tmp_path: Path) -> None:
+def test_evaluating_an_onnx_file_needs_no_torch(exports, tmp_path: Path, torchless_env: dict[str, str]) -> None:
     """The serving side (runtime, evaluate on .onnx) runs where importing torch fails."""
     import json
     import sys
@@ -157,11 +157,7 @@ def test_evaluating_an_onnx_file_needs_no_torch(exports, tmp_path: Path) -> None
     data = write_dataset(tmp_path / "data", "folder", train=2, val=2)
     spec = {"classes": list(metadata.classes), "colors": [list(c) for c in metadata.palette], "ignore_index": 255}
     (data / "classes.json").write_text(json.dumps(spec))
-    blocker = tmp_path / "blocker"
-    for name in ("torch", "torchvision"):
-        (blocker / name).mkdir(parents=True)
-        (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
-    env = {"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin"}
+    env = torchless_env
     result = subprocess.run([sys.executable, "-m", "segserve", "evaluate", str(path), "--data", str(data),
                              "--json", str(tmp_path / "m.json"), "--no-progress"],
                             capture_output=True, text=True, timeout=120, env=env)  # fmt: skip

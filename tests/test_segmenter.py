@@ -8,20 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from segserve.export import checkpoint_graph, classifier_graph, export_onnx
+from segserve.export import classifier_graph, export_onnx
 from segserve.modelcard import ModelFileError
 from segserve.runtime.segmenter import MODEL_ENV, Segmenter, default_model_path
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    from test_export import fake_checkpoint
-
-    graph, metadata = checkpoint_graph(fake_checkpoint("8s", input_scale=0.5, backbone="mobilenet_v3_small"))
-    path = export_onnx(graph, tmp_path_factory.mktemp("seg") / "m.onnx", metadata)
-    return path, graph.pipeline.eval()
+def model(small_model) -> tuple[Path, torch.nn.Module]:
+    return small_model
 
 
 def torch_labels(pipeline: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
@@ -40,7 +38,7 @@ def test_labels_match_pytorch(model, size: tuple[int, int]) -> None:
     assert {"decode", "inference"} <= set(result.timings)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "I;16"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16"])
 def test_image_modes_reach_the_model_as_rgb(model, mode: str) -> None:
     path, pipeline = model
     rgb = np.random.default_rng(3).integers(0, 256, size=(45, 61, 3), dtype=np.uint8)
@@ -49,10 +47,62 @@ def test_image_modes_reach_the_model_as_rgb(model, mode: str) -> None:
         image = Image.fromarray(np.asarray(image, dtype=np.uint16) * 257)
     buffer = io.BytesIO()
     image.save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
-    expected_pixels = np.asarray(image.convert("RGB")) if mode != "I;16" else np.repeat(
-        np.asarray(Image.fromarray(rgb).convert("L"))[..., None], 3, axis=2)  # fmt: skip
+    if mode == "I;16":  # 16-bit grey: scaled to 8 bits, replicated to three channels
+        expected_pixels = np.repeat(np.asarray(Image.fromarray(rgb).convert("L"))[..., None], 3, axis=2)
+    else:  # alpha is dropped, the colour channels are segmented as stored
+        expected_pixels = np.asarray(image.convert("RGBA" if mode == "LA" else "RGB"))[..., :3]
     labels = Segmenter(path, threads=1).segment(buffer.getvalue()).labels
     assert (labels == torch_labels(pipeline, np.ascontiguousarray(expected_pixels))).mean() >= 0.999
+
+
+def test_exif_rotated_jpeg_mask_lines_up_with_the_displayed_image(model) -> None:
+    path, pipeline = model
+    stored = np.random.default_rng(4).integers(0, 256, size=(48, 80, 3), dtype=np.uint8)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # viewers rotate 90 degrees clockwise
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    with Image.open(io.BytesIO(buffer.getvalue())) as reopened:
+        displayed = np.asarray(ImageOps.exif_transpose(reopened).convert("RGB"))
+    labels = Segmenter(path, threads=1).segment(buffer.getvalue()).labels
+    assert labels.shape == (80, 48)
+    assert (labels == torch_labels(pipeline, np.ascontiguousarray(displayed))).mean() >= 0.999
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animations_segment_their_first_frame(model, fmt: str) -> None:
+    path, pipeline = model
+    rng = np.random.default_rng(6)
+    frames = [Image.fromarray(rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)) for _ in range(2)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    with Image.open(io.BytesIO(buffer.getvalue())) as first:
+        expected = np.asarray(first.convert("RGB"))
+    labels = Segmenter(path, threads=1).segment(buffer.getvalue()).labels
+    assert (labels == torch_labels(pipeline, np.ascontiguousarray(expected))).mean() >= 0.999
+
+
+def road_scene(height: int, width: int) -> np.ndarray:
+    """A CamVid val frame (when ../shared is here) or a synthetic sky/building/road picture, at height x width."""
+    frames = sorted((ROOT.parent / "shared" / "data" / "camvid" / "val").glob("*.png"))
+    if frames:
+        with Image.open(frames[len(frames) // 2]) as frame:
+            return np.asarray(frame.convert("RGB").resize((width, height), Image.BICUBIC))
+    rows = np.linspace(0, 1, height)[:, None, None]
+    noise = np.random.default_rng(0).normal(0, 12, size=(height, width, 3))
+    colours = np.where(rows < 0.35, [150, 170, 200], np.where(rows < 0.6, [120, 60, 50], [110, 100, 115]))
+    return np.clip(colours + noise, 0, 255).astype(np.uint8)
+
+
+def test_tiled_and_whole_labels_agree_on_a_road_scene() -> None:
+    """The shipped model with its default tiles (1024, overlap 256) on an image it would tile (2 x 2 tiles)."""
+    pixels = road_scene(1440, 1920)
+    assert pixels.shape[0] * pixels.shape[1] > Segmenter(threads=1).tile_above
+    whole = Segmenter(threads=2, tile_above=10**9).segment(pixels).labels
+    tiled = Segmenter(threads=2).segment(pixels).labels
+    agreement = (whole == tiled).mean()
+    assert agreement >= 0.99, f"tiled vs whole agreement {agreement:.4f}"
 
 
 def test_tiling_covers_the_image_and_blends(model) -> None:

@@ -65,8 +65,13 @@ def overlay(
         raise ValueError(f"overlay format must be png or jpeg, got {fmt!r}")
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    blended = image.astype(np.float32) * (1 - alpha) + colourize(labels, palette).astype(np.float32) * alpha
-    result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    lookup = np.asarray(palette, dtype=np.float32).reshape(-1, 3) * alpha
+    blended = np.empty(image.shape, np.uint8)
+    for top in range(0, image.shape[0], 512):  # bands: float temporaries stay small on huge images
+        rows = slice(top, top + 512)
+        band = image[rows].astype(np.float32) * (1 - alpha) + lookup[labels[rows]]
+        blended[rows] = np.clip(np.rint(band), 0, 255)
+    result = Image.fromarray(blended)
     if fmt == "png":
         return _png(result)
     buffer = io.BytesIO()

@@ -55,6 +55,7 @@ class TrainConfig:
     backbone: str = "resnet18"
     variant: str = "8s"
     weights: str | None = None
+    init: str | None = None
     epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-3
@@ -185,10 +186,14 @@ def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     if len(train_pairs) < config.batch_size:
         raise TrainingError(f"{len(train_pairs)} training images are fewer than one batch of {config.batch_size}")
 
+    init_from = None if resume_from is not None or config.init is None else _load_init(config, classes.names)
     if resume_from is not None:
         model_config = resume_from["model_config"]
     else:
-        mean, std = _normalisation(config, train_pairs)
+        if init_from is not None:  # the weights were trained on these statistics; keep them
+            mean, std = init_from["model_config"]["mean"], init_from["model_config"]["std"]
+        else:
+            mean, std = _normalisation(config, train_pairs)
         model_config = {
             "backbone": config.backbone,
             "variant": config.variant,
@@ -204,12 +209,14 @@ def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     crop = config.crop or _default_crop(train_pairs, config.input_scale)
 
     torch.manual_seed(config.seed)
-    weights: WeightsArg = None if resume_from is not None else config.weights
+    weights: WeightsArg = None if resume_from is not None or init_from is not None else config.weights
     fcn = build_fcn(
         config.backbone, config.variant, len(classes.names), weights, freeze_upsampling=config.freeze_upsampling
     )
     pipeline = SegmentationPipeline(fcn, model_config["mean"], model_config["std"], config.input_scale)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if init_from is not None:
+        pipeline.load_state_dict(init_from["model"])
     pipeline.to(device)
     if device.type == "cuda":
         pipeline.to(memory_format=torch.channels_last)
@@ -370,7 +377,24 @@ def _class_weights(kind: str, statistics: LabelStatistics) -> torch.Tensor | Non
         return None
     if kind == "median-freq":
         return torch.tensor(statistics.median_frequency_weights(), dtype=torch.float32)
-    raise TrainingError(f"unknown class weighting {kind!r}; choose none or median-freq")
+    if kind == "sqrt-median-freq":  # softer: rare classes gain recall without flooding false positives
+        return torch.tensor(np.sqrt(statistics.median_frequency_weights()), dtype=torch.float32)
+    raise TrainingError(f"unknown class weighting {kind!r}; choose none, median-freq or sqrt-median-freq")
+
+
+def _load_init(config: TrainConfig, classes: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint to fine-tune from: same backbone, variant and classes; optimizer and schedule start afresh."""
+    assert config.init is not None
+    if config.weights not in (None, "none"):
+        raise TrainingError("--init and --weights both initialise the model; pass one of them")
+    checkpoint = load_checkpoint(config.init)
+    saved = checkpoint["model_config"]
+    for key, wanted in (("backbone", config.backbone), ("variant", config.variant), ("classes", list(classes))):
+        if (list(saved[key]) if key == "classes" else saved[key]) != wanted:
+            raise TrainingError(f"--init {config.init}: it has {key}={saved[key]!r}, this run {wanted!r}")
+    if bool(saved.get("freeze_upsampling")) != config.freeze_upsampling:
+        raise TrainingError(f"--init {config.init}: its freeze_upsampling differs from this run's")
+    return checkpoint
 
 
 def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig) -> None:
