@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,15 @@ def small_model(tmp_path_factory) -> tuple[Path, nn.Module]:
     graph, metadata = checkpoint_graph(fake_checkpoint("8s", input_scale=0.5, backbone="mobilenet_v3_small"))
     path = export_onnx(graph, tmp_path_factory.mktemp("small-model") / "small.onnx", metadata)
     return path, graph.pipeline.eval()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height, with (almost) no pixel data: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_bomb
 from PIL import Image
 
 from segserve.runtime.images import ImageError, ImageTooLarge, read_image
@@ -82,25 +81,13 @@ def test_paths_arrays_and_pil_images(tmp_path: Path, rgb) -> None:
     assert read_image(np.zeros((1, 1, 3), np.uint8)).shape == (1, 1, 3)
 
 
-def _bomb(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height, with (almost) no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-    )
-
-
 def test_decompression_bomb_is_refused_before_decoding() -> None:
     started = time.perf_counter()
     with pytest.raises(ImageTooLarge, match=r"too large|over the limit"):
-        read_image(_bomb(50_000, 50_000))
+        read_image(png_bomb(50_000, 50_000))
     assert time.perf_counter() - started < 0.5
     with pytest.raises(ImageTooLarge, match="image is 300x200 = 60,000 pixels, over the limit of 50,000"):
-        read_image(_bomb(300, 200), max_pixels=50_000)
+        read_image(png_bomb(300, 200), max_pixels=50_000)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ _PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecuti
 _GPU = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 
 
@@ -40,7 +40,7 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
         if unknown:
             raise ValueError(f"execution providers {unknown} are not available here (available: {available})")
         return list(requested)
-    gpu = _gpu_present()
+    gpu = gpu_present()
     return [p for p in _PREFERENCE if p in available and (gpu or p not in _GPU)]
 
 

@@ -1,0 +1,96 @@
+"""segserve's HTTP service (BentoML): any image in, label maps, overlays, heatmaps and summaries out.
+
+Start it with ``bentoml serve`` in this folder (the README's main-job command). Images arrive as a multipart form
+field ``image`` (raw bytes, whatever content type the client declares: the bytes decide); other parameters are
+form fields of the same request. Binary answers are returned as bytes with their content type; client errors as
+JSON ``{"error": ...}`` with HTTP 400 (bad image, bad parameter) or 413 (image over the pixel limit, refused
+before decoding). The work itself lives in ``segserve.serving``; settings come from the environment variables
+listed in ``segserve.serving.ENVIRONMENT`` (README: "Serving").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import bentoml
+from bentoml.validators import ContentType
+from pydantic import Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from segserve.serving import ClientError, SegmentationHandlers, Settings
+
+SETTINGS = Settings.from_env()
+
+
+async def metadata(request: Request) -> JSONResponse:
+    """GET /metadata: the model card, the providers in use and the segserve version."""
+    return JSONResponse(request.app.state.handlers.metadata())
+
+
+extra_routes = Starlette(routes=[Route("/metadata", metadata, methods=["GET"])])
+
+ImageField = Annotated[Path, Field(description="the image: PNG, JPEG, WebP, GIF, TIFF, BMP... (raw bytes)")]
+
+
+@bentoml.asgi_app(extra_routes, path="/")
+@bentoml.service(
+    name="segserve",
+    workers=1,  # one process holds the model; requests are threads inside it (see segserve.serving)
+    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
+)
+class Segmentation:
+    """Semantic segmentation with an exported segserve model through onnxruntime (GPU when present)."""
+
+    def __init__(self) -> None:
+        self.handlers = SegmentationHandlers(SETTINGS)  # /readyz turns ready once this has loaded the model
+        extra_routes.state.handlers = self.handlers
+
+    @staticmethod
+    def _answer(work) -> Response:
+        try:
+            payload, media_type = work()
+        except ClientError as error:
+            return JSONResponse({"error": str(error)}, status_code=int(error.status))
+        return Response(payload, media_type=media_type)
+
+    @bentoml.api
+    def segment(self, image: ImageField) -> Annotated[Path, ContentType("image/png")]:
+        """Palette PNG label map, same width and height as the image: pixel value = class index."""
+        return self._answer(lambda: self.handlers.segment(_read(image)))
+
+    @bentoml.api
+    def overlay(
+        self,
+        image: ImageField,
+        alpha: Annotated[float, Field(description="weight of the class colours, 0 to 1")] = 0.5,
+        format: Annotated[Literal["png", "jpeg"], Field(description="png or jpeg")] = "png",
+    ) -> Annotated[Path, ContentType("image/*")]:
+        """The image blended with its class colours."""
+        return self._answer(lambda: self.handlers.overlay(_read(image), alpha, format))
+
+    @bentoml.api
+    def heatmaps(
+        self,
+        image: ImageField,
+        classes: Annotated[str, Field(description="comma list of class names (default: all)")] = "",
+        format: Annotated[Literal["npz", "png"], Field(description="npz (float16) or png (8-bit, zipped)")] = "npz",
+    ) -> Annotated[Path, ContentType("application/octet-stream")]:
+        """Per-class probability maps at the image's size: one float16 .npz, or a zip of 8-bit PNGs."""
+        return self._answer(lambda: self.handlers.heatmaps(_read(image), classes, format))
+
+    @bentoml.api
+    def analyze(self, image: ImageField) -> dict:
+        """JSON: size, classes present with pixel share and mean confidence, timings."""
+        try:
+            return self.handlers.analyze(_read(image))
+        except ClientError as error:
+            return JSONResponse({"error": str(error)}, status_code=int(error.status))
+
+
+def _read(image: Path) -> bytes:
+    """The upload's bytes (decoding from bytes keeps the server's temporary path out of error messages)."""
+    return image.read_bytes()
