@@ -56,3 +56,10 @@ def test_ruff_clean() -> None:
     for args in (["check", "."], ["format", "--check", "."]):
         result = subprocess.run([str(ruff), *args], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_main_job_serves_the_service_the_tests_start() -> None:
+    command = _readme_command("start the main job")
+    assert command.startswith("python3 -m venv .venv && .venv/bin/pip install -e . && ")
+    assert command.endswith(".venv/bin/bentoml serve service:Segmentation")
+    assert '"service:Segmentation"' in (ROOT / "tests" / "test_service.py").read_text()

@@ -229,3 +229,15 @@ def test_load_400_requests_16_clients_no_errors_bounded_memory(server: Server) -
     after_400 = server.rss()
     assert first + rest == [200] * 400
     assert after_400 <= 1.2 * after_50, f"RSS {after_50 / 1e6:.0f} MB after 50, {after_400 / 1e6:.0f} MB after 400"
+
+
+def test_python_client_from_the_readme(server: Server, runtime: Segmenter, tmp_path: Path) -> None:
+    import bentoml
+
+    image = tmp_path / "street.png"
+    image.write_bytes(png(noise(45, 71, seed=8)))
+    with bentoml.SyncHTTPClient(server.url, timeout=60) as client:
+        summary = client.analyze(image=image)
+        labels = client.segment(image=image)
+    assert (summary["width"], summary["height"]) == (71, 45)
+    assert np.array_equal(np.asarray(Image.open(labels)), runtime.segment(image).labels)
