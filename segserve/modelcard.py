@@ -51,6 +51,7 @@ class ModelMetadata:
     input_layout: str = "NHWC uint8 RGB"
     outputs: tuple[str, ...] = ("logits", "labels")
     outputs_at_input_size: bool = True  # False: coarse heatmaps (a convolutionalized classifier)
+    precision: str = "float32"  # "float16": the network's weights and compute (input, resizing, outputs stay float32)
     training_data: str | None = None
     validation: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)

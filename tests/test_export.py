@@ -10,7 +10,15 @@ import onnx
 import pytest
 import torch
 
-from segserve.export import IR_VERSION, check_export, checkpoint_graph, classifier_graph, export_onnx
+from segserve.export import (
+    IR_VERSION,
+    check_export,
+    checkpoint_graph,
+    classifier_graph,
+    export_onnx,
+    graph_stats,
+    half_precision,
+)
 from segserve.modelcard import METADATA_KEY, ModelFileError
 from segserve.runtime import load_model
 from segserve.training.checkpoint import FORMAT, build_pipeline
@@ -72,6 +80,30 @@ def test_output_sizes(exports, name: str) -> None:
         else:  # ResNet's coarse heatmap: one position per 32 pixels (rounded up)
             assert logits.shape == (2, 1000, -(-height // 32), -(-width // 32))
             assert labels.dtype == np.uint16 and labels.shape == (2, *logits.shape[2:])
+
+
+@pytest.mark.parametrize("name", ["8s", "classifier"])
+def test_fp16_export_keeps_the_labels(exports, tmp_path: Path, name: str) -> None:
+    graph, metadata, path32 = exports[name]
+    half, half_metadata = half_precision(graph, metadata)
+    path = export_onnx(half, tmp_path / "half.onnx", half_metadata)
+    assert load_model(path).metadata.precision == "float16"
+    assert path.stat().st_size < 0.6 * path32.stat().st_size  # float16 weights
+    sizes = SIZES if name == "8s" else SIZES[:-1]  # 1000 classes at 768x1024 x 3 cost more than they tell
+    rows = check_export(graph, path, sizes=sizes, batches=(1, 3))  # against the float32 PyTorch model
+    agreement, worst = min(r.argmax_agreement for r in rows), max(r.max_abs_diff for r in rows)
+    print(f"fp16 {name}: argmax agreement {100 * agreement:.3f}%, max |logit diff| {worst:.2e}")
+    assert agreement >= 0.99
+    assert next(graph.parameters()).dtype == torch.float32  # the reference stayed float32
+
+
+def test_simplified_export_is_equivalent(exports, tmp_path: Path) -> None:
+    graph, metadata, path = exports["16s"]
+    slim = export_onnx(graph, tmp_path / "slim.onnx", metadata, slim=True)
+    assert graph_stats(slim)[0] <= graph_stats(path)[0]
+    assert load_model(slim).metadata == metadata and onnx.load(str(slim)).ir_version == IR_VERSION
+    for row in check_export(graph, slim, sizes=((7, 13), (333, 517)), batches=(2,)):
+        assert row.max_abs_diff <= 1e-3 and row.argmax_agreement >= 0.999, row
 
 
 def test_inference_scale_runs_inside_the_graph(tmp_path: Path) -> None:
@@ -143,6 +175,12 @@ def test_cli_export_check_writes_a_verified_file(tmp_path: Path, segserve_comman
                              "--check", "--tolerance", "0"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert failed.returncode == 1 and "parity check failed" in failed.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+    half = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(tmp_path / "h.onnx"),
+                           "--check", "--fp16", "--simplify"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert half.returncode == 0, half.stderr
+    assert "onnxruntime (float16) vs PyTorch (float32)" in half.stdout
+    assert load_model(tmp_path / "h.onnx").metadata.precision == "float16"
     assert not list(tmp_path.glob(".*tmp*"))
 
 
