@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,11 +88,13 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     verify: Callable[[Path], None] | None = None,
     slim: bool = False,
+    transform: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``graph`` with dynamic batch/height/width and ``metadata`` to ``path``.
 
     The file appears at ``path`` only once complete and, with ``verify``, only if ``verify(temporary_path)``
-    returns without raising: a failed check leaves no file behind.
+    returns without raising: a failed check leaves no file behind. ``transform`` rewrites the saved file in place
+    before the check (int8 quantization).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +118,8 @@ def export_onnx(
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
     try:
         onnx.save_model(model, str(temporary))
+        if transform is not None:
+            transform(temporary)
         if verify is not None:
             verify(temporary)
         os.replace(temporary, path)
@@ -174,23 +178,27 @@ class ParityRow:
 
 def check_export(graph: ExportGraph, path: str | os.PathLike[str],
                  sizes: tuple[tuple[int, int], ...] = PARITY_SIZES, batches: tuple[int, ...] = (1, 3),
-                 seed: int = 0) -> list[ParityRow]:  # fmt: skip
-    """onnx's full checker, then onnxruntime (CPU) against PyTorch on random images of several sizes."""
+                 seed: int = 0, images: Sequence[np.ndarray] = ()) -> list[ParityRow]:  # fmt: skip
+    """onnx's full checker, then onnxruntime (CPU) against PyTorch on random images of several sizes (or on
+    ``images``, H x W x 3 uint8 each, one at a time: quantized models are judged on real pictures)."""
     import onnxruntime as ort
 
     onnx.checker.check_model(str(path), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = np.random.default_rng(seed)
+    batches_to_run = [image[None] for image in images] or [
+        generator.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8)
+        for batch in batches
+        for height, width in sizes
+    ]
     rows = []
     graph = graph.eval()
-    for batch in batches:
-        for height, width in sizes:
-            images = generator.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8)
-            logits, labels = session.run(["logits", "labels"], {"images": images})
-            with torch.no_grad():
-                reference = graph.pipeline(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-            rows.append(ParityRow(batch, height, width, float(np.abs(logits - reference).max()),
-                                  float((labels == reference.argmax(1)).mean())))  # fmt: skip
+    for batch in batches_to_run:
+        logits, labels = session.run(["logits", "labels"], {"images": batch})
+        with torch.no_grad():
+            reference = graph.pipeline(torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
+        rows.append(ParityRow(batch.shape[0], batch.shape[1], batch.shape[2], float(np.abs(logits - reference).max()),
+                              float((labels == reference.argmax(1)).mean())))  # fmt: skip
     return rows
 
 

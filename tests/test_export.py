@@ -205,3 +205,25 @@ def test_evaluating_an_onnx_file_needs_no_torch(exports, tmp_path: Path, torchle
                              text=True, timeout=60, env=env)  # fmt: skip
     assert blocked.returncode == 2 and "needs PyTorch (torch is not installed here)" in blocked.stderr
     assert "Traceback" not in blocked.stderr
+
+
+def test_int8_export_is_calibrated_on_images_and_keeps_the_contract(tmp_path: Path, segserve_command) -> None:
+    from PIL import Image
+
+    torch.save(fake_checkpoint("8s", backbone="mobilenet_v3_small", input_scale=0.5), tmp_path / "run.pt")
+    for index in range(4):
+        pixels = np.random.default_rng(index).integers(0, 256, size=(72, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"calib{index}.png")
+    out = tmp_path / "int8.onnx"
+    missing = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(out), "--int8"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "--int8 needs --calibrate DIR" in missing.stderr
+    result = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(out), "--int8",
+                             "--calibrate", str(tmp_path), "--check"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "calibrating int8 ranges on 4 images" in result.stdout and "onnxruntime (int8)" in result.stdout
+    loaded = load_model(out)
+    assert loaded.metadata.precision == "int8" and loaded.metadata.classes == tuple(CLASSES)
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(out)).graph.node)
+    logits, labels = loaded.session.run(None, {"images": np.zeros((2, 33, 47, 3), np.uint8)})
+    assert logits.shape == (2, 5, 33, 47) and labels.shape == (2, 33, 47) and logits.dtype == np.float32
