@@ -218,8 +218,8 @@ def test_int8_export_is_calibrated_on_images_and_keeps_the_contract(tmp_path: Pa
     missing = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(out), "--int8"],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert missing.returncode == 2 and "--int8 needs --calibrate DIR" in missing.stderr
-    result = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(out), "--int8",
-                             "--calibrate", str(tmp_path), "--check"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    command = [*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(out), "--int8", "--check"]
+    result = subprocess.run([*command, "--calibrate", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "calibrating int8 ranges on 4 images" in result.stdout and "onnxruntime (int8)" in result.stdout
     loaded = load_model(out)
