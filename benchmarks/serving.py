@@ -1,0 +1,182 @@
+"""Issue 5 and 6 figures: the batch command and the HTTP service against the bare runtime, and the memory of
+segmenting a 12000x12000 image."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from benchmarks.common import ROOT, Section, default_model, road_images
+from benchmarks.speed import our_session
+
+
+def _cli() -> list[str]:
+    return [str(Path(sys.executable).parent / "segserve")]
+
+
+def batch_vs_session(scratch: Path, quick: bool) -> Section:
+    """The batch command's images/s against bare ``InferenceSession.run`` on the same, already decoded, images."""
+    folder = scratch / "batch-in"
+    folder.mkdir(exist_ok=True)
+    images = road_images(24 if quick else 60)
+    for index, pixels in enumerate(images):
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+    session = our_session(default_model())
+    session.run(["labels"], {"images": images[0][None]})
+    bare, command = [], []
+    for round_ in range(2 if quick else 3):
+        started = time.perf_counter()
+        for pixels in images:
+            session.run(["labels"], {"images": pixels[None]})
+        bare.append(len(images) / (time.perf_counter() - started))
+        out = scratch / f"batch-out-{round_}"
+        result = subprocess.run([*_cli(), "segment", str(folder), "-o", str(out), "--no-progress"],
+                                capture_output=True, text=True, check=True)  # fmt: skip
+        command.append(float(re.search(r"\(([\d.]+) images/s\)", result.stderr).group(1)))
+    section = Section("Batch command vs bare session (shipped model, CamVid 360x480 PNGs, labels output)",
+                      ["measure", "images/s"])  # fmt: skip
+    ratio = statistics.median(command) / statistics.median(bare)
+    section.rows += [["bare `InferenceSession.run` on decoded arrays", statistics.median(bare)],
+                     ["`segserve segment DIR -o OUT` (decode + infer + PNG encode + atomic write)",
+                      statistics.median(command)],
+                     ["ratio (target >= 0.9)", f"{ratio:.2f}"]]  # fmt: skip
+    section.notes.append("Rounds alternate bare and command; the command's rate excludes its model load.")
+    return section
+
+
+def large_image_memory(scratch: Path) -> Section:
+    """Peak RSS of ``segserve segment`` on one 12000x12000 JPEG (tiled), measured by the kernel (wait4)."""
+    path = scratch / "large.jpg"
+    Image.fromarray(road_images(1)[0]).resize((12000, 12000), Image.BILINEAR).save(path, quality=90)
+    started = time.perf_counter()
+    process = subprocess.Popen([*_cli(), "segment", str(path), "-o", str(scratch / "large-out"), "--no-progress",
+                                "--outputs", "labels"], stderr=subprocess.PIPE)  # fmt: skip
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if process.returncode != 0:
+        raise RuntimeError(f"segserve segment failed on the large image: {stderr[-500:]}")
+    with Image.open(scratch / "large-out" / "large.labels.png") as labels:
+        size = labels.size
+    section = Section("Large image memory (12000x12000 JPEG, tiles 1024 / overlap 256)",
+                      ["measure", "value"])  # fmt: skip
+    section.rows += [["peak resident memory (target < 3 GB)", f"{usage.ru_maxrss / 1e6:.2f} GB"],
+                     ["wall time (decode, 12000x12000 tiled inference, PNG encode)", f"{seconds:.1f} s"],
+                     ["label map written", f"{size[0]}x{size[1]}"]]  # fmt: skip
+    return section
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_vs_runtime(scratch: Path, quick: bool) -> Section:
+    """``/segment`` over loopback HTTP against the bare runtime doing the same work (decode, segment, encode)."""
+    import httpx
+
+    from segserve.runtime import Segmenter, encode
+
+    port = _free_port()
+    env = {**os.environ, "BENTOML_HOME": str(scratch / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    log = (scratch / "serve.log").open("w")
+    command = [sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        buffer = io.BytesIO()
+        Image.fromarray(road_images(1, (512, 512))[0]).save(buffer, format="PNG")
+        body = buffer.getvalue()
+        segmenter = Segmenter()
+
+        def bare() -> None:
+            encode.label_png(segmenter.segment(body).labels, segmenter.metadata.palette)
+
+        client = httpx.Client(base_url=url, timeout=60)
+
+        def http() -> None:
+            response = client.post("/segment", files={"image": ("x.png", body, "image/png")})
+            response.raise_for_status()
+
+        count = 20 if quick else 50
+        bare_times, http_times = [], []
+        for _ in range(3):  # warm-up
+            bare(), http()
+        for _ in range(count):  # alternate one by one
+            for fn, bucket in ((bare, bare_times), (http, http_times)):
+                started = time.perf_counter()
+                fn()
+                bucket.append(time.perf_counter() - started)
+        bare_p50, http_p50 = statistics.median(bare_times), statistics.median(http_times)
+
+        requests = 48 if quick else 120
+        started = time.perf_counter()
+        for _ in range(requests // 2):
+            bare()
+        bare_rate = (requests // 2) / (time.perf_counter() - started)
+
+        def one(_: int) -> None:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                c.post("/segment", files={"image": ("x.png", body, "image/png")}).raise_for_status()
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(8)))
+            started = time.perf_counter()
+            list(pool.map(one, range(requests)))
+            http_rate = requests / (time.perf_counter() - started)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    section = Section("HTTP service vs bare runtime (shipped model, 512x512 PNG, /segment)",
+                      ["measure", "bare runtime", "service", "ratio", "target"])  # fmt: skip
+    section.rows += [["p50 latency, one client (ms)", 1000 * bare_p50, 1000 * http_p50,
+                      f"{http_p50 / bare_p50:.2f}", "<= 1.2"],
+                     ["throughput, 8 concurrent clients (images/s)", bare_rate, http_rate,
+                      f"{http_rate / bare_rate:.2f}", ">= 0.85"]]  # fmt: skip
+    section.notes.append(
+        "Bare runtime = the same work in-process: decode the PNG, `Segmenter.segment`, encode the palette PNG. "
+        "Server and measurements alternate, so they never compete for the cores."
+    )
+    return section
+
+
+def gpu_section() -> Section:
+    import onnxruntime as ort
+
+    from segserve.runtime.session import gpu_present
+
+    section = Section("6. GPU (CUDA / TensorRT execution providers)", ["measure", "value"])
+    if not gpu_present():
+        section.rows.append(["GPU", "none on this machine: not measured"])
+        section.notes.append(
+            f"onnxruntime here lists {ort.get_available_providers()}, but with no GPU device the runtime selects "
+            "CPUExecutionProvider only (segserve.runtime.session.choose_providers); run `python -m benchmarks` on a "
+            "GPU host to fill this table."
+        )
+        return section
+    section.rows.append(["GPU", "present; GPU timings are not automated in this suite yet"])
+    return section
