@@ -92,6 +92,27 @@ def test_existing_run_is_not_overwritten(trained_run, segserve_command) -> None:
     assert (out / "last.pt").stat().st_mtime_ns == before
 
 
+def test_init_fine_tunes_from_a_checkpoint_at_another_scale(trained_run, segserve_command, tmp_path: Path) -> None:
+    """--init: the new run starts from the old weights and normalisation; mismatched models are refused."""
+    from segserve.training.loop import TrainConfig, TrainingError, train
+
+    data, out, _ = trained_run
+    source = load_checkpoint(out / "best.pt")
+    tuned = tmp_path / "tuned"
+    result = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "1", "--out", str(tuned), "--init",
+                 str(out / "best.pt"), "--input-scale", "0.5", "--class-weights", "sqrt-median-freq",
+                 "--lr", "1e-12")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    after = load_checkpoint(tuned / "last.pt")
+    assert after["model_config"]["input_scale"] == 0.5
+    assert after["model_config"]["mean"] == source["model_config"]["mean"]
+    trunk = "fcn.backbone.features.0.0.weight"
+    assert torch.allclose(after["model"][trunk], source["model"][trunk], atol=1e-6)  # lr ~0: the weights it began with
+    with pytest.raises(TrainingError, match="it has backbone='mobilenet_v3_small', this run 'resnet18'"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "x"), backbone="resnet18", init=str(out / "best.pt"),
+                          progress=False))  # fmt: skip
+
+
 def test_resume_after_sigkill_is_exact(tmp_path: Path, segserve_command: list[str]) -> None:
     from conftest import write_dataset
 
