@@ -74,8 +74,8 @@ def run_section(name: str, scratch: Path, quick: bool, threads: int, context: di
         section, context["item2"] = speed.peers(scratch, quick, threads)
         return [section]
     if name == "limit":
-        peak = speed.gemm_peak(threads, quick)
-        return [speed.machine_limit(peak, context.get("item1", {"achieved": {}}), context.get("item2", {"flops": {}}))]
+        peaks = speed.gemm_peak(threads, quick)
+        return [speed.machine_limit(peaks, context.get("item1", {"achieved": {}}), context.get("item2", {"flops": {}}))]
     if name == "quantization":
         return [quantization.quantization(scratch, quick, threads)]
     if name == "tuning":

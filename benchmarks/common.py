@@ -41,14 +41,19 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def alternate(contenders: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each contender, run in turn (A, B, A, B, ...) after ``warmup`` calls each."""
+def alternate(contenders: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+              settle: float = 0.05) -> dict[str, float]:  # fmt: skip
+    """Median seconds per call of each contender, run in turn (A, B, A, B, ...) after ``warmup`` calls each.
+
+    ``settle`` seconds (untimed) between calls let the previous contender's thread pool go idle: OpenMP and
+    onnxruntime threads spin for a while after work and would otherwise slow whoever runs next."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
+            time.sleep(settle)
             started = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - started)

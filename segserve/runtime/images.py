@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 #: Default pixel limit (width x height); override per call or with ``SEGSERVE_MAX_PIXELS``.
 DEFAULT_MAX_PIXELS = 150_000_000
 MAX_PIXELS_ENV = "SEGSERVE_MAX_PIXELS"
+ORIENTATION = 0x0112  # the EXIF orientation tag
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | Image.Image | np.ndarray
 
@@ -87,8 +88,9 @@ def read_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             message = "truncated or corrupt image data" if "truncated" in str(error) else str(error)
             raise ImageError(f"{name} cannot be decoded: {message}") from None
-        try:
-            oriented = ImageOps.exif_transpose(image)
+        try:  # transpose only when the tag asks for it: exif_transpose copies even an upright image
+            needs_turn = image.getexif().get(ORIENTATION, 1) in range(2, 9)
+            oriented = ImageOps.exif_transpose(image) if needs_turn else image
         except Exception:  # a malformed EXIF block should not cost the image
             oriented = image
         return _to_rgb(oriented or image)

@@ -63,6 +63,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_mem_pattern = False  # memory patterns only pay off for a fixed input shape
+    # Idle pool threads sleep instead of spinning: alone it costs nothing (64.7 vs 65.1 ms at 512x512), but spinning
+    # threads steal the cores from image decoding/encoding threads and from any other session (1.6x slower).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     return options
@@ -185,10 +189,12 @@ class Segmenter:
                 accumulator[:, :rows, x : x + cols] += logits[0] * weight
                 weights[:rows, x : x + cols] += weight
             final = rows if last_row else ys[k + 1] - y  # rows no later band will touch
-            blended = accumulator[:, :final] / weights[:final]
-            labels[y : y + final] = blended.argmax(axis=0)
-            if probabilities is not None:
-                probabilities[:, y : y + final] = softmax(blended)
+            for top in range(0, final, 128):  # in slices: the float temporaries stay small on wide images
+                end = min(final, top + 128)
+                blended = accumulator[:, top:end] / weights[top:end]
+                labels[y + top : y + end] = blended.argmax(axis=0)
+                if probabilities is not None:
+                    probabilities[:, y + top : y + end] = softmax(blended)
             keep = rows - final  # overlap rows carried into the next band
             accumulator[:, :keep] = accumulator[:, final:rows]
             accumulator[:, keep:] = 0
