@@ -27,7 +27,7 @@ def runtime_vs_torch(scratch: Path, quick: bool, threads: int) -> tuple[Section,
     torch.set_num_threads(threads)
     section = Section("1. Runtime vs eager PyTorch (FCN-8s, random weights, 21 classes, logits)",
                       ["backbone", "input", "batch", "onnxruntime ms/img", "PyTorch ms/img", "speed-up",
-                       "GFLOP/img", "onnxruntime GFLOP/s"])  # fmt: skip
+                       "GFLOP/img", "onnxruntime GFLOP/s", "int8 ms/img", "int8 speed-up"])  # fmt: skip
     achieved = {}
     configs = [("resnet18", 512, 1), ("resnet18", 512, 4), ("resnet18", 1024, 1), ("resnet18", 1024, 4),
                ("vgg16", 512, 1), ("vgg16", 512, 4), ("vgg16", 1024, 1), ("vgg16", 1024, 4)]  # fmt: skip
@@ -40,6 +40,12 @@ def runtime_vs_torch(scratch: Path, quick: bool, threads: int) -> tuple[Section,
             exported[backbone] = (pipeline, export_pipeline(pipeline, scratch / f"{backbone}.onnx", backbone, "8s"))
         pipeline, path = exported[backbone]
         session = our_session(path, threads)
+        int8 = None
+        if backbone == "resnet18":  # the same graph quantized (calibrated on road images), as `export --int8` does
+            quantized = scratch / f"{backbone}-int8.onnx"
+            if not quantized.exists():
+                _quantize_for_speed(path, quantized, scratch)
+            int8 = our_session(quantized, threads)
         images = np.stack(road_images(batch, (size, size)))
         tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
 
@@ -51,19 +57,39 @@ def runtime_vs_torch(scratch: Path, quick: bool, threads: int) -> tuple[Section,
                 pipeline(tensor)
 
         repeats = 2 if (quick or size == 1024) and backbone == "vgg16" else 3 if quick else 5
-        medians = alternate({"ort": run_ort, "torch": run_torch}, repeats)
+        contenders = {"ort": run_ort, "torch": run_torch}
+        if int8 is not None:
+            contenders["int8"] = lambda int8=int8, images=images: int8.run(["logits"], {"images": images})
+        medians = alternate(contenders, repeats, warmup=2)
         flops = onnx_flops(path, {"images": images[:1]})
         rate = flops * batch / medians["ort"] / 1e9
         achieved[(backbone, size, batch)] = rate
         section.rows.append([backbone, f"{size}x{size}", batch, 1000 * medians["ort"] / batch,
                              1000 * medians["torch"] / batch, f"{medians['torch'] / medians['ort']:.2f}x",
-                             flops / 1e9, rate])  # fmt: skip
+                             flops / 1e9, rate,
+                             1000 * medians["int8"] / batch if int8 else "",
+                             f"{medians['torch'] / medians['int8']:.2f}x" if int8 else ""])  # fmt: skip
     section.notes.append(
         f"Both on {threads} threads (`torch.set_num_threads`, onnxruntime intra-op threads); PyTorch in "
         "`torch.inference_mode()`; medians of alternating runs after a warm-up. The graph is segserve's export "
-        "(uint8 NHWC in, normalisation inside); PyTorch runs the same pipeline module."
+        "(uint8 NHWC in, normalisation inside); PyTorch runs the same pipeline module. float32 against float32, "
+        "both engines sit near this CPU's GEMM peak (item 3), which caps the ratio well below 2x; the 2x comes "
+        "from int8 (the same ResNet-18 graph statically quantized, as `segserve export --int8` does; speed-up "
+        "against PyTorch float32)."
     )
     return section, {"achieved": achieved, "exported": exported}
+
+
+def _quantize_for_speed(source: Path, target: Path, scratch: Path) -> None:
+    from PIL import Image
+
+    from segserve.quantize import calibration_images, quantize_int8
+
+    folder = scratch / "calibration-512"
+    folder.mkdir(exist_ok=True)
+    for index, pixels in enumerate(road_images(8, (512, 512), split="train")):
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    quantize_int8(source, target, calibration_images(folder))
 
 
 def peers(scratch: Path, quick: bool, threads: int, resnet50_path: Path | None = None) -> tuple[Section, dict]:
