@@ -25,7 +25,7 @@ def export_pipeline(pipeline, path: Path, backbone: str, variant: str) -> Path:
     from segserve.export import ExportGraph, export_onnx
     from segserve.modelcard import ModelMetadata
 
-    classes = pipeline.fcn.num_classes if hasattr(pipeline.fcn, "num_classes") else 21
+    classes = pipeline.fcn.num_classes
     metadata = ModelMetadata(
         kind="segmentation", classes=tuple(f"c{i}" for i in range(classes)), palette=((0, 0, 0),) * classes,
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_scale=1.0, backbone=backbone,

@@ -7,7 +7,6 @@ import contextlib
 import io
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks.common import ROOT, Section, default_model, road_images
+from benchmarks.common import Section, default_model, road_images
 from benchmarks.speed import our_session
 
 
@@ -83,33 +82,15 @@ def large_image_memory(scratch: Path) -> Section:
     return section
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def service_vs_runtime(scratch: Path, quick: bool) -> Section:
     """``/segment`` over loopback HTTP against the bare runtime doing the same work (decode, segment, encode)."""
     import httpx
 
+    from segserve.devserver import running_service
     from segserve.runtime import Segmenter, encode
 
-    port = _free_port()
     env = {**os.environ, "BENTOML_HOME": str(scratch / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    log = (scratch / "serve.log").open("w")
-    command = [sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--port", str(port)]
-    server = subprocess.Popen(
-        [*command, "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with running_service(env, scratch / "serve.log") as (url, _):
         buffer = io.BytesIO()
         Image.fromarray(road_images(1, (512, 512))[0]).save(buffer, format="PNG")
         body = buffer.getvalue()
@@ -150,13 +131,6 @@ def service_vs_runtime(scratch: Path, quick: bool) -> Section:
             started = time.perf_counter()
             list(pool.map(one, range(requests)))
             http_rate = requests / (time.perf_counter() - started)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
     section = Section("HTTP service vs bare runtime (shipped model, 512x512 PNG, /segment)",
                       ["measure", "bare runtime", "service", "ratio", "target"])  # fmt: skip
     section.rows += [["p50 latency, one client (ms)", 1000 * bare_p50, 1000 * http_p50,

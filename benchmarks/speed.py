@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from benchmarks.common import Section, alternate, default_model, road_images
@@ -243,7 +242,3 @@ def session_tuning(quick: bool, threads: int) -> Section:
         "the CPU. IO binding saves a copy of the small label output only; the service and batch use plain `run`."
     )
     return section
-
-
-def onnx_model_bytes(path: Path) -> int:
-    return len(onnx.load(str(path)).SerializeToString())

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -218,10 +218,10 @@ def _alive(pid: int) -> bool:
     return pid != os.getpid()
 
 
-def safe_file_name(name: str) -> str:
-    """A class name as a file name: path separators and odd characters become ``_``."""
+def heatmap_file_name(index: int, name: str) -> str:
+    """``03-road.png``: class index first (names may clash once cleaned); separators and odd characters -> ``_``."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return cleaned or "class"
+    return f"{index:02d}-{cleaned or 'class'}.png"
 
 
 # ---- encoding -----------------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def encode_outputs(
             payloads["heatmaps"] = encode.heatmaps_npz(probabilities, chosen)
         else:
             pngs = encode.heatmap_pngs(probabilities, chosen)
-            payloads["heatmaps"] = {f"{i:02d}-{safe_file_name(name)}.png": pngs[name] for i, name in
+            payloads["heatmaps"] = {heatmap_file_name(i, name): pngs[name] for i, name in
                                     zip(indices, chosen, strict=True)}  # fmt: skip
     if "json" in plan.kinds:
         record = {"source": source, **encode.summary(result.labels, classes, result.probabilities, result.timings)}
@@ -387,20 +387,3 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, OSError):
         return error.strerror or str(error)
     return str(error) or type(error).__name__
-
-
-def parse_kinds(text: str) -> tuple[str, ...]:
-    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
-    return kinds
-
-
-def parse_classes(text: str | None) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    return names or None
-
-
-def iter_failures(report: BatchReport) -> Iterable[str]:
-    for source, reason in report.failed:
-        yield f"  {source}: {reason}"

@@ -324,16 +324,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         BatchError,
         OutputPlan,
         collect_inputs,
-        iter_failures,
-        parse_classes,
-        parse_kinds,
         run_batch,
     )
     from segserve.runtime import ModelFileError, Segmenter
+    from segserve.runtime.session import comma_list
 
     plan = OutputPlan(
-        kinds=parse_kinds(args.outputs),
-        classes=parse_classes(args.classes),
+        kinds=comma_list(args.outputs),
+        classes=comma_list(args.classes) or None,
         overlay_format=args.overlay_format,
         alpha=args.alpha,
         heatmap_format=args.heatmap_format,
@@ -365,12 +363,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(report.line(), file=sys.stderr)
     if report.failed or missing:
         print(f"failed ({len(report.failed) + len(missing)}):", file=sys.stderr)
-        for line in iter_failures(report):
-            print(line, file=sys.stderr)
-        for source, reason in missing:
+        for source, reason in [*report.failed, *missing]:
             print(f"  {source}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _comma_list(text: str) -> list[str]:
+    from segserve.runtime.session import comma_list
+
+    return list(comma_list(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -522,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--tile", type=_positive_int, default=1024, help="tile side for large images (px)")
     segment.add_argument("--overlap", type=int, default=256, help="tile overlap (px, default 256)")
     segment.add_argument("--max-pixels", type=_positive_int, help="refuse larger images (default 150M pixels)")
-    segment.add_argument("--providers", type=lambda t: [p.strip() for p in t.split(",") if p.strip()],
+    segment.add_argument("--providers", type=_comma_list,
                          help="comma list of onnxruntime providers (default: best available)")  # fmt: skip
     segment.add_argument("--resume", action="store_true", help="skip inputs whose outputs all exist")
     segment.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -26,11 +26,11 @@ from http import HTTPStatus
 import numpy as np
 
 import segserve
-from segserve.batch import safe_file_name
+from segserve.batch import heatmap_file_name
 from segserve.runtime import encode
 from segserve.runtime.images import ImageError, ImageTooLarge, max_pixels_from_env, read_image
 from segserve.runtime.segmenter import Segmentation, Segmenter
-from segserve.runtime.session import gpu_present
+from segserve.runtime.session import comma_list, gpu_present
 
 ENVIRONMENT = {
     "SEGSERVE_MODEL": "the .onnx model to serve (default: the one models/default.json names)",
@@ -55,8 +55,6 @@ class ClientError(ValueError):
 class Settings:
     """Every knob of the service, in one place; see ``ENVIRONMENT`` for the variables that set them."""
 
-    model: str | None = None
-    providers: tuple[str, ...] | None = None
     max_pixels: int = 150_000_000
     inference_slots: int = 1
     threads: int | None = None
@@ -66,11 +64,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        providers = env.get("SEGSERVE_PROVIDERS")
         gpu = gpu_present()
         return cls(
-            model=env.get("SEGSERVE_MODEL") or None,
-            providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,
             max_pixels=max_pixels_from_env(),
             inference_slots=_positive(env, "SEGSERVE_INFERENCE_SLOTS", 2 if gpu else 1),
             threads=_positive(env, "SEGSERVE_THREADS", 0) or None,
@@ -93,8 +88,8 @@ class SegmentationHandlers:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        providers = list(settings.providers) if settings.providers else None
-        self.segmenter = Segmenter(settings.model, providers, max_pixels=settings.max_pixels, threads=settings.threads)
+        # the model (SEGSERVE_MODEL) and providers (SEGSERVE_PROVIDERS) are resolved by the runtime itself
+        self.segmenter = Segmenter(max_pixels=settings.max_pixels, threads=settings.threads)
         self._slots = threading.BoundedSemaphore(settings.inference_slots)
 
     @property
@@ -144,7 +139,7 @@ class SegmentationHandlers:
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
             for name, png in encode.heatmap_pngs(probabilities, chosen).items():
-                archive.writestr(f"{self.classes.index(name):02d}-{safe_file_name(name)}.png", png)
+                archive.writestr(heatmap_file_name(self.classes.index(name), name), png)
         return buffer.getvalue(), "application/zip"
 
     def analyze(self, data: bytes) -> dict:
@@ -155,7 +150,7 @@ class SegmentationHandlers:
         if classes is None or classes == "" or classes == []:
             return self.classes
         if isinstance(classes, str):
-            classes = [name.strip() for name in classes.split(",") if name.strip()]
+            classes = comma_list(classes)
         unknown = [name for name in classes if name not in self.classes]
         if unknown:
             known = ", ".join(self.classes)

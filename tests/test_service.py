@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -21,17 +19,12 @@ import pytest
 from conftest import png_bomb
 from PIL import Image
 
+from segserve.devserver import running_service
 from segserve.runtime import Segmenter, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMVID_VAL = ROOT.parent / "shared" / "data" / "camvid" / "val"
 TIMEOUT = httpx.Timeout(60.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:
@@ -51,44 +44,11 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    port = free_port()
     home = tmp_path_factory.mktemp("bentoml-home")
     env = {**os.environ, "BENTOML_HOME": str(home), "SEGSERVE_THREADS": "2", "SEGSERVE_MAX_PIXELS": "40000000"}
     env.pop("SEGSERVE_MODEL", None)
-    log = (home / "serve.log").open("w")
-    command = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        "service:Segmentation",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-    ]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (home / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the server did not become ready in 120 s")
+    with running_service(env, home / "serve.log") as (url, process):
         yield Server(process, url)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:

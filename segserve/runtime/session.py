@@ -26,6 +26,11 @@ _PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecuti
 _GPU = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 
 
+def comma_list(text: str | None) -> tuple[str, ...]:
+    """``"a, b,,a"`` -> ``("a", "b")``: the one parser for comma-list options and environment variables."""
+    return tuple(dict.fromkeys(item.strip() for item in (text or "").split(",") if item.strip()))
+
+
 def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 
@@ -34,7 +39,7 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     """The execution providers to ask onnxruntime for, best first (see module docs)."""
     available = ort.get_available_providers()
     if requested is None and os.environ.get(PROVIDERS_ENV):
-        requested = [p.strip() for p in os.environ[PROVIDERS_ENV].split(",") if p.strip()]
+        requested = list(comma_list(os.environ[PROVIDERS_ENV]))
     if requested is not None:
         unknown = [p for p in requested if p not in available]
         if unknown:
