@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only NAME,...]``: run the suite and write benchmarks/RESULTS.md."""
+"""``python -m benchmarks [--quick] [--only NAME,...]``: run the suite, write benchmarks/RESULTS.md (--only prints)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and the largest VGG case skipped")
     parser.add_argument("--only", help=f"comma list of sections ({', '.join(SECTIONS)})")
     parser.add_argument("--threads", type=int, default=0, help="threads for both engines (default: all cores)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="Markdown file to write (default: RESULTS.md for a full run, "
+        "standard output with --only, so a partial run never replaces the full table)",
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
     unknown = set(chosen) - set(SECTIONS)
@@ -59,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         f"| threads | {threads} |",
         "",
     ]
-    args.output.write_text("\n".join(header) + "\n" + "\n".join(parts))
-    print(f"wrote {args.output}", file=sys.stderr)
+    text = "\n".join(header) + "\n" + "\n".join(parts)
+    output = args.output or (None if args.only else RESULTS)
+    if output is None:
+        print(text)
+    else:
+        output.write_text(text)
+        print(f"wrote {output}", file=sys.stderr)
     return 0
 
 
