@@ -2,6 +2,9 @@
 
 Shapes of a dynamic graph are only known once it runs, so the counter exposes the inputs and outputs of those
 nodes as extra graph outputs, runs the graph once in onnxruntime and reads the shapes. A multiply-add is 2 FLOPs.
+A convolution tap whose weights are zero for every input channel of an output channel is not counted: those are
+the structural zeros of a transposed convolution in sub-pixel form (segserve.models.upsample), so the model's
+count does not depend on which of the two equivalent forms the file holds.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from onnx import numpy_helper
 
 def onnx_flops(path: str | Path, feed: dict[str, np.ndarray]) -> float:
     model = onnx.load(str(path))
-    weights = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
+    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = {name: array.shape for name, array in arrays.items()}
     nodes = [n for n in model.graph.node if n.op_type in {"Conv", "ConvTranspose", "MatMul", "Gemm"}]
     wanted = {name for n in nodes for name in (n.input[0], n.output[0])}
     existing = {o.name for o in model.graph.output}
@@ -34,7 +38,9 @@ def onnx_flops(path: str | Path, feed: dict[str, np.ndarray]) -> float:
         if kernel is None or out is None or inp is None:
             continue
         if node.op_type == "Conv":  # kernel: Cout x Cin/g x kh x kw
-            total += 2 * math.prod(out) * math.prod(kernel[1:])
+            array = arrays.get(node.input[1])
+            taps = int(np.any(array != 0, axis=1).sum()) if array is not None else math.prod(kernel) // kernel[1]
+            total += 2 * math.prod(out) // out[1] * taps * kernel[1]
         elif node.op_type == "ConvTranspose":  # kernel: Cin x Cout/g x kh x kw; every input pixel scatters
             total += 2 * math.prod(inp) * math.prod(kernel[1:])
         else:  # MatMul / Gemm: out has M x N, kernel K x N

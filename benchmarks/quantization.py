@@ -63,6 +63,7 @@ def quantization(scratch: Path, quick: bool, threads: int, int8_path: Path | Non
         f"int8 file: `{int8_path.name if int8_path == shipped else 'quantized in this run'}`. Weights int8 per "
         "channel, activations uint8 per tensor (`segserve export --int8 --calibrate DIR`); the input resize, "
         "ArgMax and the final score resize stay float32. onnxruntime runs the convolutions as QLinearConv "
-        "(VNNI); the transposed convolutions stay float between Q/DQ pairs."
+        "(VNNI), the deconvolutions included: the export writes them in sub-pixel form (a convolution and a "
+        "DepthToSpace), since onnxruntime's CPU provider has no quantized ConvTranspose."
     )
     return section

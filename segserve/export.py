@@ -27,6 +27,7 @@ from segserve.modelcard import METADATA_KEY, ModelMetadata
 from segserve.models.backbones import WeightsArg, get_backbone, load_classifier
 from segserve.models.convolutionalize import convolutionalize
 from segserve.models.pipeline import IMAGENET_MEAN, IMAGENET_STD, SegmentationPipeline
+from segserve.models.upsample import subpixel_deconvolutions
 
 #: IR version written into every file: IR 10 (onnx 1.16) is read by onnxruntime >= 1.17.
 IR_VERSION = 10
@@ -94,11 +95,13 @@ def export_onnx(
 
     The file appears at ``path`` only once complete and, with ``verify``, only if ``verify(temporary_path)``
     returns without raising: a failed check leaves no file behind. ``transform`` rewrites the saved file in place
-    before the check (int8 quantization).
+    before the check (int8 quantization). Transposed convolutions are exported in their sub-pixel form
+    (:class:`segserve.models.upsample.SubPixelDeconvolution`: the same function as one Conv and a DepthToSpace).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    graph = graph.eval()
+    # Deconvolutions in sub-pixel form (same function, quantizable); the caller's graph stays as trained.
+    graph = subpixel_deconvolutions(copy.deepcopy(graph).eval())
     example = torch.zeros(2, 64, 96, 3, dtype=torch.uint8)
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("height"), 2: torch.export.Dim("width")}
     with warnings.catch_warnings(), torch.no_grad():

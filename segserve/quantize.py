@@ -23,7 +23,9 @@ from segserve.runtime.images import read_image
 
 #: Operators quantized; Resize, Softmax and ArgMax stay float (they are cheap, and the final resize of the scores
 #: decides the labels at full resolution).
-QUANTIZED_OPS = ("Conv", "ConvTranspose", "Add", "Relu", "MaxPool", "GlobalAveragePool", "Mul", "Concat")
+#: DepthToSpace (the sub-pixel deconvolutions' shuffle) then moves uint8 instead of float: a 1 ms saving at 512x512.
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "DepthToSpace", "Add", "Relu", "MaxPool", "GlobalAveragePool", "Mul",
+                 "Concat")  # fmt: skip
 
 
 def calibration_images(folder: str | os.PathLike[str], count: int = 48) -> list[Path]:

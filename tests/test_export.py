@@ -68,6 +68,14 @@ def test_onnxruntime_matches_pytorch_at_every_size(exports, name: str) -> None:
         assert row.argmax_agreement >= 0.999, row
 
 
+@pytest.mark.parametrize("name", ["32s", "16s", "8s"])
+def test_deconvolutions_are_exported_as_subpixel_convolutions(exports, name: str) -> None:
+    graph, _, path = exports[name]
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert "ConvTranspose" not in ops and ops.count("DepthToSpace") == {"32s": 1, "16s": 2, "8s": 3}[name]
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in graph.modules())  # the caller's graph is untouched
+
+
 @pytest.mark.parametrize("name", ["8s", "classifier"])
 def test_output_sizes(exports, name: str) -> None:
     _, metadata, path = exports[name]
@@ -224,6 +232,8 @@ def test_int8_export_is_calibrated_on_images_and_keeps_the_contract(tmp_path: Pa
     assert "calibrating int8 ranges on 4 images" in result.stdout and "onnxruntime (int8)" in result.stdout
     loaded = load_model(out)
     assert loaded.metadata.precision == "int8" and loaded.metadata.classes == tuple(CLASSES)
-    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(out)).graph.node)
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops and "DepthToSpace" in ops  # deconvolutions in sub-pixel form: quantizable
+    assert "ConvTranspose" not in ops
     logits, labels = loaded.session.run(None, {"images": np.zeros((2, 33, 47, 3), np.uint8)})
     assert logits.shape == (2, 5, 33, 47) and labels.shape == (2, 33, 47) and logits.dtype == np.float32

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segserve.models import BACKBONES, VARIANTS, build_fcn, get_backbone
-from segserve.models.upsample import bilinear_upsampler
+from segserve.models.upsample import SubPixelDeconvolution, bilinear_upsampler, subpixel_deconvolutions
 
 # The reference Caffe nets (fc6 7x7, fc7 1x1, score layers with bias, bias-free deconvolutions), 21 classes.
 REFERENCE_VGG16 = {"32s": 136_152_917, "16s": 134_815_994, "8s": 134_489_759}
@@ -98,6 +98,43 @@ def test_bilinear_deconvolution_matches_interpolate_in_the_interior(factor: int)
     assert (ours[interior] - reference[interior]).abs().max().item() <= 1e-5
     float32 = bilinear_upsampler(3, factor)(x.float()).detach()
     assert (float32[interior] - reference[interior].float()).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(("stride", "kernel", "padding"), [(2, 4, 1), (8, 16, 4), (16, 32, 8), (32, 64, 16),
+                                                        (1, 3, 1), (3, 5, 1), (4, 4, 0), (3, 7, 2)])  # fmt: skip
+@pytest.mark.parametrize("bias", [False, True])
+def test_subpixel_form_equals_the_transposed_convolution(stride: int, kernel: int, padding: int, bias: bool) -> None:
+    torch.manual_seed(stride + kernel)
+    layer = torch.nn.ConvTranspose2d(5, 3, kernel, stride=stride, padding=padding, bias=bias).double()
+    rewritten = SubPixelDeconvolution(layer)
+    for height, width in ((1, 1), (2, 7), (9, 4), (13, 17)):
+        x = torch.randn(2, 5, height, width, dtype=torch.float64)
+        with torch.no_grad():
+            expected, ours = layer(x), rewritten(x)
+        assert ours.shape == expected.shape
+        assert (ours - expected).abs().max().item() <= 1e-12
+
+
+def test_fcn_in_subpixel_form_computes_the_same_scores() -> None:
+    torch.manual_seed(0)
+    fcn = build_fcn("resnet18", "8s", num_classes=4).eval()
+    with torch.no_grad():
+        for layer in (fcn.upscore2, fcn.upscore_pool4, fcn.upscore8):  # trained deconvolutions mix classes
+            layer.weight.add_(0.05 * torch.randn_like(layer.weight))
+        x = torch.randn(1, 3, 77, 131)
+        expected = fcn(x)
+        twin = subpixel_deconvolutions(fcn)
+        assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in twin.modules())
+        assert (twin(x) - expected).abs().max().item() <= 1e-4
+
+
+def test_unusual_transposed_convolutions_are_left_alone() -> None:
+    grouped = torch.nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1, groups=2)
+    padded_out = torch.nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
+    holder = torch.nn.Sequential(grouped, padded_out)
+    assert list(subpixel_deconvolutions(holder)) == [grouped, padded_out]
+    with pytest.raises(ValueError, match="kernel = stride"):
+        SubPixelDeconvolution(padded_out)
 
 
 def test_upsampling_is_learnable_by_default_and_freezable() -> None:

@@ -17,7 +17,7 @@ from segserve.models.backbones import (
 from segserve.models.convolutionalize import ConvolutionalizedClassifier, convolutionalize
 from segserve.models.fcn import FCN, VARIANTS, build_fcn
 from segserve.models.trunk import Trunk
-from segserve.models.upsample import bilinear_kernel, bilinear_upsampler
+from segserve.models.upsample import SubPixelDeconvolution, bilinear_kernel, bilinear_upsampler, subpixel_deconvolutions
 
 __all__ = [
     "BACKBONES",
@@ -25,6 +25,7 @@ __all__ = [
     "VARIANTS",
     "Backbone",
     "ConvolutionalizedClassifier",
+    "SubPixelDeconvolution",
     "Tap",
     "Trunk",
     "WeightsArg",
@@ -35,4 +36,5 @@ __all__ = [
     "convolutionalize",
     "get_backbone",
     "load_classifier",
+    "subpixel_deconvolutions",
 ]
