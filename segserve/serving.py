@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -62,11 +62,11 @@ class Settings:
     max_concurrency: int = 64
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         gpu = gpu_present()
         return cls(
-            max_pixels=max_pixels_from_env(),
+            max_pixels=max_pixels_from_env(env),
             inference_slots=_positive(env, "SEGSERVE_INFERENCE_SLOTS", 2 if gpu else 1),
             threads=_positive(env, "SEGSERVE_THREADS", 0) or None,
             timeout=_positive(env, "SEGSERVE_TIMEOUT", 120),
@@ -74,7 +74,7 @@ class Settings:
         )
 
 
-def _positive(env, name: str, default: int) -> int:
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     value = env.get(name)
     if not value:
         return default

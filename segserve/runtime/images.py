@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,9 @@ class ImageTooLarge(ImageError):
     """An image whose declared size exceeds the pixel limit (refused before decoding)."""
 
 
-def max_pixels_from_env() -> int:
-    value = os.environ.get(MAX_PIXELS_ENV)
+def max_pixels_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """The pixel limit set by ``SEGSERVE_MAX_PIXELS`` in ``environ`` (default: the process environment)."""
+    value = (os.environ if environ is None else environ).get(MAX_PIXELS_ENV)
     if not value:
         return DEFAULT_MAX_PIXELS
     try:
