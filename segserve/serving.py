@@ -35,6 +35,7 @@ from segserve.runtime.session import comma_list, gpu_present
 ENVIRONMENT = {
     "SEGSERVE_MODEL": "the .onnx model to serve (default: the one models/default.json names)",
     "SEGSERVE_PROVIDERS": "comma list of onnxruntime providers (default: TensorRT, CUDA, CPU as available)",
+    "SEGSERVE_TRT_CACHE": "folder for TensorRT engines and timings (default ~/.cache/segserve/tensorrt)",
     "SEGSERVE_MAX_PIXELS": "largest image accepted, width x height (default 150000000; larger: HTTP 413)",
     "SEGSERVE_INFERENCE_SLOTS": "model calls at a time (default: 1 on CPU, 2 with a GPU)",
     "SEGSERVE_THREADS": "onnxruntime intra-op threads (default: all cores)",

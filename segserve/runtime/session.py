@@ -5,10 +5,23 @@ only where an NVIDIA device is present (onnxruntime-gpu lists CUDA even on a mac
 loud errors while falling back). Override with the ``providers`` argument or ``SEGSERVE_PROVIDERS``
 (comma-separated, e.g. ``CPUExecutionProvider`` or ``CUDAExecutionProvider,CPUExecutionProvider``).
 What actually runs is ``session.get_providers()``, reported as :attr:`LoadedModel.providers`.
+
+GPU hosts: the CUDA and cuDNN libraries of the ``nvidia-*`` wheels (``onnxruntime-gpu[cuda,cudnn]``, what the
+container installs) live in site-packages, off the dynamic loader's path, so they are preloaded before a GPU session
+opens (without that onnxruntime logs an error and quietly runs on the CPU). TensorRT is offered only where its
+library loads (onnxruntime-gpu lists the provider regardless; TensorRT itself is a separate install). Provider
+settings keep the first request of a new image size short: TensorRT engines and timings are cached on disk
+(``SEGSERVE_TRT_CACHE``), and cuDNN picks convolution algorithms heuristically instead of benchmarking every
+candidate for every new shape.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -22,6 +35,7 @@ from segserve.modelcard import METADATA_KEY, ModelFileError, ModelMetadata
 log = logging.getLogger("segserve.runtime")
 
 PROVIDERS_ENV = "SEGSERVE_PROVIDERS"
+TRT_CACHE_ENV = "SEGSERVE_TRT_CACHE"
 _PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 
@@ -35,6 +49,39 @@ def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 
 
+@functools.cache
+def prepare_gpu_libraries() -> None:
+    """Load CUDA and cuDNN from the ``nvidia-*`` wheels (then the loader's path) so the GPU providers find them."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime < 1.21: the libraries must be on the loader's path
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # it reports failures with print()
+        try:
+            preload(directory="")
+        except Exception as error:  # a broken CUDA install must not stop a CPU fallback
+            log.warning("preloading CUDA libraries failed: %s", error)
+    for line in printed.getvalue().splitlines():
+        if line.strip():
+            log.warning("%s", line.strip())
+
+
+@functools.cache
+def tensorrt_present() -> bool:
+    """Whether TensorRT's runtime library loads: from the ``tensorrt`` wheels if installed, else the loader's path."""
+    candidates = []
+    spec = importlib.util.find_spec("tensorrt_libs")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for pattern in ("libnvinfer.so.*", "libnvinfer_plugin.so.*"):
+            candidates += sorted(str(path) for path in Path(folder).glob(pattern))
+    loaded = False
+    for library in [*candidates, "libnvinfer.so.10"]:
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(library)
+            loaded = loaded or "libnvinfer.so" in library
+    return loaded
+
+
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     """The execution providers to ask onnxruntime for, best first (see module docs)."""
     available = ort.get_available_providers()
@@ -44,9 +91,38 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
         unknown = [p for p in requested if p not in available]
         if unknown:
             raise ValueError(f"execution providers {unknown} are not available here (available: {available})")
+        if _GPU & set(requested):
+            prepare_gpu_libraries()
         return list(requested)
-    gpu = gpu_present()
-    return [p for p in _PREFERENCE if p in available and (gpu or p not in _GPU)]
+    if not gpu_present():
+        return [p for p in _PREFERENCE if p in available and p not in _GPU]
+    prepare_gpu_libraries()
+    wanted = [p for p in _PREFERENCE if p in available]
+    if "TensorrtExecutionProvider" in wanted and not tensorrt_present():
+        wanted.remove("TensorrtExecutionProvider")
+    return wanted
+
+
+def provider_settings(providers: Sequence[str], cache: Path | None = None) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` with the settings segserve runs them with (see module docs), as onnxruntime takes them."""
+    entries: list[str | tuple[str, dict[str, str]]] = []
+    for provider in providers:
+        if provider == "TensorrtExecutionProvider":
+            folder = cache or Path(os.environ.get(TRT_CACHE_ENV) or Path.home() / ".cache" / "segserve" / "tensorrt")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                log.warning("no TensorRT engine cache (%s): every new shape builds its engine again", error)
+                entries.append(provider)
+                continue
+            cached = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(folder),
+                      "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(folder)}  # fmt: skip
+            entries.append((provider, cached))
+        elif provider == "CUDAExecutionProvider":
+            entries.append((provider, {"cudnn_conv_algo_search": "HEURISTIC"}))
+        else:
+            entries.append(provider)
+    return entries
 
 
 @dataclass
@@ -73,7 +149,7 @@ def load_model(
         raise ModelFileError(f"{path}: model file does not exist")
     chosen = choose_providers(providers)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=provider_settings(chosen))
     except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "Protobuf parsing failed" in reason or "INVALID_PROTOBUF" in reason:
