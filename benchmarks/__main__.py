@@ -91,7 +91,9 @@ def run_section(name: str, scratch: Path, quick: bool, threads: int, context: di
     if name == "tuning":
         return [speed.session_tuning(quick, threads)]
     if name == "gpu":
-        return [serving.gpu_section()]
+        from benchmarks import gpu
+
+        return gpu.gpu_sections(scratch, quick)
     if name == "batch":
         return [serving.batch_vs_session(scratch, quick)]
     if name == "memory":

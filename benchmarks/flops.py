@@ -49,5 +49,16 @@ def onnx_flops(path: str | Path, feed: dict[str, np.ndarray]) -> float:
 
 
 def onnx_parameters(path: str | Path) -> int:
+    """Weights in the graph's float and int8 initializers, less the structural zero taps of convolutions (as in
+    :func:`onnx_flops`: a sub-pixel deconvolution counts what its transposed convolution holds)."""
     model = onnx.load(str(path))
-    return int(sum(math.prod(i.dims) for i in model.graph.initializer if i.data_type in (1, 10, 3, 2)))
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+    total = 0
+    for initializer in model.graph.initializer:
+        if initializer.data_type not in (1, 10, 3, 2):
+            continue
+        total += math.prod(initializer.dims)
+        if initializer.name in conv_weights and len(initializer.dims) == 4:
+            array = numpy_helper.to_array(initializer)
+            total -= int((~np.any(array != 0, axis=1)).sum()) * array.shape[1]
+    return int(total)

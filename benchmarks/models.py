@@ -21,8 +21,8 @@ def fcn_pipeline(backbone: str, variant: str = "8s", classes: int = 21):
     return SegmentationPipeline(fcn, IMAGENET_MEAN, IMAGENET_STD, 1.0).eval()
 
 
-def export_pipeline(pipeline, path: Path, backbone: str, variant: str) -> Path:
-    from segserve.export import ExportGraph, export_onnx
+def export_pipeline(pipeline, path: Path, backbone: str, variant: str, fp16: bool = False) -> Path:
+    from segserve.export import ExportGraph, export_onnx, half_precision
     from segserve.modelcard import ModelMetadata
 
     classes = pipeline.fcn.num_classes
@@ -31,7 +31,10 @@ def export_pipeline(pipeline, path: Path, backbone: str, variant: str) -> Path:
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_scale=1.0, backbone=backbone,
         variant=variant, output_stride=8, label_dtype="uint8", segserve_version="bench",
     )  # fmt: skip
-    return export_onnx(ExportGraph(pipeline, classes), path, metadata)
+    graph = ExportGraph(pipeline, classes)
+    if fp16:  # the network in float16 between float32 input handling and outputs, as `export --fp16` writes it
+        graph, metadata = half_precision(graph, metadata)
+    return export_onnx(graph, path, metadata)
 
 
 def torchvision_fcn_resnet50(path: Path, size: int) -> tuple[torch.nn.Module, Path]:

@@ -153,21 +153,3 @@ def service_vs_runtime(scratch: Path, quick: bool) -> Section:
         "over alternating rounds."
     )
     return section
-
-
-def gpu_section() -> Section:
-    import onnxruntime as ort
-
-    from segserve.runtime.session import gpu_present
-
-    section = Section("6. GPU (CUDA / TensorRT execution providers)", ["measure", "value"])
-    if not gpu_present():
-        section.rows.append(["GPU", "none on this machine: not measured"])
-        section.notes.append(
-            f"onnxruntime here lists {ort.get_available_providers()}, but with no GPU device the runtime selects "
-            "CPUExecutionProvider only (segserve.runtime.session.choose_providers); run `python -m benchmarks` on a "
-            "GPU host to fill this table."
-        )
-        return section
-    section.rows.append(["GPU", "present; GPU timings are not automated in this suite yet"])
-    return section

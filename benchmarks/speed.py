@@ -11,6 +11,7 @@ import onnxruntime as ort
 from benchmarks.common import Section, alternate, default_model, road_images
 from benchmarks.flops import onnx_flops, onnx_parameters
 from segserve.runtime.segmenter import session_options
+from segserve.runtime.session import load_model
 
 
 def our_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
@@ -119,11 +120,13 @@ def peers(scratch: Path, quick: bool, threads: int, resnet50_path: Path | None =
         section.rows.append([name, 1000 * medians[name], flops[name] / 1e9, flops[name] / medians[name] / 1e9,
                              f"{onnx_parameters(path):,}", Path(path).stat().st_size / 1e6])  # fmt: skip
     base = medians["torchvision fcn_resnet50 (dilated, OS 8)"]
+    card = load_model(shipped, ["CPUExecutionProvider"]).metadata
+    scale_note = f"{card.backbone} FCN-{card.variant}, runs at input scale {card.input_scale:g}"
     section.notes.append(
         "Same session options for all three. torchvision's FCN keeps stride 8 through layer3/layer4 with dilated "
         f"convolutions: every later layer runs at 4x-16x the positions. Our ResNet-50 FCN-8s is "
-        f"{base / medians['segserve FCN-8s ResNet-50']:.1f}x faster; the shipped model (ResNet-18, input scale "
-        f"{'0.5' if '0.5' else ''}) is {base / medians[f'segserve shipped ({shipped.name})']:.1f}x faster. "
+        f"{base / medians['segserve FCN-8s ResNet-50']:.1f}x faster; the shipped model ({scale_note}) is "
+        f"{base / medians[f'segserve shipped ({shipped.name})']:.1f}x faster. "
         "torchvision's input is the normalised float tensor (normalisation outside its graph); ours is uint8."
     )
     return section, {"latency": medians, "flops": flops}
