@@ -54,7 +54,7 @@ def runtime_vs_torch(scratch: Path, quick: bool, threads: int) -> tuple[Section,
             with torch.inference_mode():
                 pipeline(tensor)
 
-        repeats = 2 if (quick or size == 1024) and backbone == "vgg16" else 3 if quick else 5
+        repeats = 2 if (quick or size == 1024) and backbone == "vgg16" else 3 if quick else 9
         contenders = {"ort": run_ort, "torch": run_torch}
         contenders["int8"] = lambda int8=int8, images=images: int8.run(["logits"], {"images": images})
         medians = alternate(contenders, repeats, warmup=2)
