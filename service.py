@@ -5,11 +5,12 @@ field ``image`` (raw bytes, whatever content type the client declares: the bytes
 form fields of the same request. Binary answers are returned as bytes with their content type; client errors as
 JSON ``{"error": ...}`` with HTTP 400 (bad image, bad parameter) or 413 (image over the pixel limit, refused
 before decoding). The work itself lives in ``segserve.serving``; settings come from the environment variables
-listed in ``segserve.serving.ENVIRONMENT`` (README: "Serving").
+of ``segserve.settings.Settings`` (README: "Serving"), read once at start-up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,14 +22,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from segserve.serving import ClientError, SegmentationHandlers, Settings
+from segserve.serving import Answer, ClientError, SegmentationHandlers
+from segserve.settings import Settings
 
 SETTINGS = Settings.from_env()
 
 
 async def metadata(request: Request) -> JSONResponse:
     """GET /metadata: the model card, the providers in use and the segserve version."""
-    return JSONResponse(request.app.state.handlers.metadata())
+    return JSONResponse(bentoml.get_current_service().handlers.metadata())
 
 
 extra_routes = Starlette(routes=[Route("/metadata", metadata, methods=["GET"])])
@@ -47,14 +49,17 @@ class Segmentation:
 
     def __init__(self) -> None:
         self.handlers = SegmentationHandlers(SETTINGS)  # /readyz turns ready once this has loaded the model
-        extra_routes.state.handlers = self.handlers
 
     @staticmethod
-    def _answer(work) -> Response:
+    def _answer(work: Callable[[], Answer | dict]) -> Response:
+        """The handler's answer as a response; a ClientError as JSON ``{"error": ...}`` with its status."""
         try:
-            payload, media_type = work()
+            answer = work()
         except ClientError as error:
             return JSONResponse({"error": str(error)}, status_code=int(error.status))
+        if isinstance(answer, dict):
+            return JSONResponse(answer)
+        payload, media_type = answer
         return Response(payload, media_type=media_type)
 
     @bentoml.api
@@ -85,10 +90,7 @@ class Segmentation:
     @bentoml.api
     def analyze(self, image: ImageField) -> dict:
         """JSON: size, classes present with pixel share and mean confidence, timings."""
-        try:
-            return self.handlers.analyze(_read(image))
-        except ClientError as error:
-            return JSONResponse({"error": str(error)}, status_code=int(error.status))
+        return self._answer(lambda: self.handlers.analyze(_read(image)))
 
 
 def _read(image: Path) -> bytes:

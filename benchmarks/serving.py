@@ -87,8 +87,8 @@ def service_vs_runtime(scratch: Path, quick: bool) -> Section:
     """``/segment`` over loopback HTTP against the bare runtime doing the same work (decode, segment, encode)."""
     import httpx
 
-    from segserve.devserver import running_service
     from segserve.runtime import Segmenter, encode
+    from tests.devserver import running_service
 
     env = {**os.environ, "BENTOML_HOME": str(scratch / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     with running_service(env, scratch / "serve.log") as (url, _):

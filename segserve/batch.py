@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import itertools
-import json
 import os
-import re
 import shutil
 import signal
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,15 +26,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from segserve.runtime import encode
-from segserve.runtime.images import ImageError, read_image
-from segserve.runtime.segmenter import Segmentation, Segmenter
+from segserve.files import write_atomic
+from segserve.images import ImageError, is_image_name, read_image
+from segserve.runtime.outputs import OutputError, OutputPlan, Payload, render
+from segserve.runtime.segmenter import SegmentationResult, Segmenter
 
-OUTPUT_KINDS = ("labels", "overlay", "heatmaps", "json")
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
-    | {".tga", ".jp2", ".ico", ".dib"}
-)
 TEMP_DIR = ".segserve-tmp"
 
 
@@ -52,31 +44,6 @@ class Job:
 
     source: Path
     stem: PurePosixPath
-
-
-@dataclass(frozen=True)
-class OutputPlan:
-    """What to write for each image."""
-
-    kinds: tuple[str, ...] = ("labels",)
-    classes: tuple[str, ...] | None = None  # heatmap classes (None: all)
-    overlay_format: str = "png"
-    alpha: float = 0.5
-    heatmap_format: str = "npz"
-
-    @property
-    def needs_probabilities(self) -> bool:
-        return "heatmaps" in self.kinds or "json" in self.kinds
-
-    def paths(self, stem: PurePosixPath, classes: Sequence[str]) -> dict[str, PurePosixPath]:
-        """Output kind -> relative path (a heatmap PNG set is one folder)."""
-        suffixes = {
-            "labels": ".labels.png",
-            "overlay": f".overlay.{'jpg' if self.overlay_format in ('jpeg', 'jpg') else 'png'}",
-            "heatmaps": ".heatmaps.npz" if self.heatmap_format == "npz" else ".heatmaps",
-            "json": ".json",
-        }
-        return {kind: stem.with_name(stem.name + suffixes[kind]) for kind in self.kinds}
 
 
 @dataclass
@@ -97,10 +64,6 @@ class BatchReport:
 # ---- inputs -------------------------------------------------------------------------------------------------------
 
 
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def collect_inputs(inputs: Sequence[str]) -> tuple[list[Job], list[tuple[str, str]]]:
     """Files, folders (recursive, image suffixes only) and globs -> jobs, plus inputs that matched nothing.
 
@@ -112,7 +75,7 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Job], list[tuple[str, st
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_name(p))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
             found += [(p, PurePosixPath(p.relative_to(path).as_posix())) for p in files]
             if not files:
                 missing.append((text, "folder holds no image files"))
@@ -156,11 +119,13 @@ def _relative(path: Path, root: Path) -> str:
         return path.name
 
 
-# ---- atomic writes ------------------------------------------------------------------------------------------------
+# ---- atomic outputs -----------------------------------------------------------------------------------------------
 
 
-class AtomicWriter:
-    """Writes outputs under OUT_DIR through a private temporary folder and a rename."""
+class OutputFolder:
+    """OUT_DIR, whose outputs are published atomically through a private temporary folder of this process.
+
+    Temporaries live in ``OUT_DIR/.segserve-tmp/<pid>/``; those of a run that was killed are removed by the next."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir.resolve()
@@ -169,7 +134,6 @@ class AtomicWriter:
         self._remove_stale_temporaries()
         self.temp = self.temp_root / str(os.getpid())
         self.temp.mkdir(parents=True, exist_ok=True)
-        self._counter = itertools.count()
 
     def _remove_stale_temporaries(self) -> None:
         if not self.temp_root.is_dir():
@@ -184,23 +148,11 @@ class AtomicWriter:
             raise BatchError(f"output {relative} would fall outside the output folder")
         return path
 
-    def _temporary(self, name: str) -> Path:
-        return self.temp / f"{next(self._counter)}-{threading.get_ident()}-{name}"
-
-    def write(self, relative: PurePosixPath, payload: bytes | dict[str, bytes]) -> None:
+    def write(self, relative: PurePosixPath, payload: Payload) -> None:
         """Bytes to a file, or {file name: bytes} to a folder, appearing at once under ``relative``."""
         final = self.target(relative)
         final.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self._temporary(final.name)
-        if isinstance(payload, dict):
-            temporary.mkdir()
-            for name, data in payload.items():
-                (temporary / name).write_bytes(data)
-            if final.exists():
-                shutil.rmtree(final)
-        else:
-            temporary.write_bytes(payload)
-        os.replace(temporary, final)
+        write_atomic(final, payload, temp_dir=self.temp)
 
     def close(self) -> None:
         shutil.rmtree(self.temp, ignore_errors=True)
@@ -218,65 +170,58 @@ def _alive(pid: int) -> bool:
     return pid != os.getpid()
 
 
-def heatmap_file_name(index: int, name: str) -> str:
-    """``03-road.png``: class index first (names may clash once cleaned); separators and odd characters -> ``_``."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return f"{index:02d}-{cleaned or 'class'}.png"
-
-
-# ---- encoding -----------------------------------------------------------------------------------------------------
-
-
-def encode_outputs(
-    result: Segmentation,
-    pixels: np.ndarray,
-    plan: OutputPlan,
-    classes: Sequence[str],
-    palette: Sequence[Sequence[int]],
-    source: str,
-) -> dict[str, bytes | dict[str, bytes]]:
-    """Output kind -> encoded payload for one image."""
-    payloads: dict[str, bytes | dict[str, bytes]] = {}
-    if "labels" in plan.kinds:
-        payloads["labels"] = encode.label_png(result.labels, palette)
-    if "overlay" in plan.kinds:
-        payloads["overlay"] = encode.overlay(pixels, result.labels, palette, plan.alpha, plan.overlay_format)
-    if "heatmaps" in plan.kinds:
-        assert result.probabilities is not None
-        chosen = plan.classes or tuple(classes)
-        indices = [classes.index(name) for name in chosen]
-        probabilities = result.probabilities[indices]
-        if plan.heatmap_format == "npz":
-            payloads["heatmaps"] = encode.heatmaps_npz(probabilities, chosen)
-        else:
-            pngs = encode.heatmap_pngs(probabilities, chosen)
-            payloads["heatmaps"] = {heatmap_file_name(i, name): pngs[name] for i, name in
-                                    zip(indices, chosen, strict=True)}  # fmt: skip
-    if "json" in plan.kinds:
-        record = {"source": source, **encode.summary(result.labels, classes, result.probabilities, result.timings)}
-        payloads["json"] = (json.dumps(record, indent=2) + "\n").encode()
-    return payloads
-
-
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 
-def check_plan(plan: OutputPlan, classes: Sequence[str]) -> None:
-    """Refuse, before any work, output kinds, formats and class names that cannot be honoured."""
-    unknown = [k for k in plan.kinds if k not in OUTPUT_KINDS]
-    if unknown or not plan.kinds:
-        raise BatchError(f"unknown output kind(s) {unknown}; choose from {', '.join(OUTPUT_KINDS)}")
-    if plan.overlay_format not in ("png", "jpeg", "jpg"):
-        raise BatchError(f"overlay format must be png or jpeg, got {plan.overlay_format!r}")
-    if plan.heatmap_format not in ("npz", "png"):
-        raise BatchError(f"heatmap format must be npz or png, got {plan.heatmap_format!r}")
-    if not 0 <= plan.alpha <= 1:
-        raise BatchError(f"alpha must be between 0 and 1, got {plan.alpha}")
-    if len(classes) > 256 and "labels" in plan.kinds:
-        raise BatchError(f"a palette PNG holds at most 256 classes; this model has {len(classes)}")
-    missing = [name for name in plan.classes or () if name not in classes]
-    if missing:
-        raise BatchError(f"unknown class(es) {', '.join(missing)}; the model's classes are {', '.join(classes)}")
+class _Run:
+    """One batch run's state: the plan, where outputs go, the report and the progress bar."""
+
+    def __init__(self, segmenter: Segmenter, plan: OutputPlan, out_dir: Path, progress: bool,
+                 report_failure: Callable[[str, str], None] | None) -> None:  # fmt: skip
+        self.segmenter = segmenter
+        try:
+            self.plan = plan.checked(segmenter.metadata)
+        except OutputError as error:
+            raise BatchError(str(error)) from None
+        self.folder = OutputFolder(out_dir)
+        self.report = BatchReport()
+        self.report_failure = report_failure
+        self.bar = tqdm(total=0, unit="img", disable=not progress, dynamic_ncols=True)
+        self.targets: dict[Job, dict[str, PurePosixPath]] = {}
+
+    def todo(self, jobs: Sequence[Job], resume: bool) -> list[Job]:
+        """The jobs to run; with ``resume`` those whose outputs all exist are skipped."""
+        left = []
+        for job in jobs:
+            self.targets[job] = self.plan.file_names(job.stem)
+            if resume and all(self.folder.target(p).exists() for p in self.targets[job].values()):
+                self.report.skipped += 1
+            else:
+                left.append(job)
+        self.bar.total = len(left)
+        return left
+
+    def fail(self, job: Job, error: BaseException) -> None:
+        reason = _reason(error)
+        self.report.failed.append((str(job.source), reason))
+        if self.report_failure is not None:
+            self.report_failure(str(job.source), reason)
+        self.bar.update(1)
+
+    def write(self, job: Job, result: SegmentationResult, pixels: np.ndarray) -> None:
+        payloads = render(self.plan, result, pixels, self.segmenter.metadata, str(job.source))
+        for kind, payload in payloads.items():
+            self.folder.write(self.targets[job][kind], payload)
+
+    def segment(self, batch: list[tuple[Job, np.ndarray]]) -> list[tuple[Job, np.ndarray, SegmentationResult]]:
+        """One model call for a batch; on failure every image of it is reported and nothing is returned."""
+        try:
+            results = self.segmenter.segment_many([pixels for _, pixels in batch], self.plan.needs_probabilities)
+        except (OSError, ValueError, RuntimeError) as error:
+            for job, _ in batch:
+                self.fail(job, error)
+            return []
+        return [(job, pixels, result) for (job, pixels), result in zip(batch, results, strict=True)]
 
 
 def run_batch(
@@ -291,90 +236,72 @@ def run_batch(
     progress: bool = True,
     report_failure: Callable[[str, str], None] | None = None,
 ) -> BatchReport:
-    """Segment ``jobs`` into ``out_dir``; failures are reported and skipped, never fatal."""
-    classes, palette = tuple(segmenter.metadata.classes), segmenter.metadata.palette
-    check_plan(plan, classes)
-    writer = AtomicWriter(out_dir)
-    report = BatchReport()
+    """Segment ``jobs`` into ``out_dir``; failures are reported and skipped, never fatal.
+
+    Three stages overlap: ``workers`` threads decode the next images while this thread runs the model
+    (onnxruntime releases the GIL) and ``workers`` more encode and write finished results; both queues are
+    bounded, so memory stays at a few images whatever the size of the set."""
+    run = _Run(segmenter, plan, out_dir, progress, report_failure)
     started = time.perf_counter()
-
-    def fail(source: Path, reason: str) -> None:
-        report.failed.append((str(source), reason))
-        if report_failure is not None:
-            report_failure(str(source), reason)
-
-    targets = {job: plan.paths(job.stem, classes) for job in jobs}
-    todo = []
-    for job in jobs:
-        if resume and all(writer.target(p).exists() for p in targets[job].values()):
-            report.skipped += 1
-        else:
-            todo.append(job)
-
-    def write(job: Job, result: Segmentation, pixels: np.ndarray) -> None:
-        payloads = encode_outputs(result, pixels, plan, classes, palette, str(job.source))
-        for kind, payload in payloads.items():
-            writer.write(targets[job][kind], payload)
-
+    todo = run.todo(jobs, resume)
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:  # a polite kill still removes the temporaries (finally below)
         signal.signal(signal.SIGTERM, _raise_interrupt)
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True)
-    window = max(2, batch_size + 2 * workers)
     try:
         with ThreadPoolExecutor(workers, "decode") as decoders, ThreadPoolExecutor(workers, "encode") as encoders:
-            pending: deque[tuple[Job, Future]] = deque()
             writing: deque[tuple[Job, Future]] = deque()
-            queue = iter(todo)
-
-            def refill() -> None:
-                for job in queue:
-                    pending.append((job, decoders.submit(read_image, job.source, segmenter.max_pixels)))
-                    if len(pending) >= window:
-                        return
-
-            def settle(limit: int) -> None:
-                while len(writing) > limit:
-                    job, future = writing.popleft()
-                    try:
-                        future.result()
-                        report.done += 1
-                    except (OSError, ValueError) as error:
-                        fail(job.source, _reason(error))
-                    bar.update(1)
-
-            refill()
-            while pending:
-                batch: list[tuple[Job, np.ndarray]] = []
-                while pending and len(batch) < batch_size:
-                    job, future = pending.popleft()
-                    try:
-                        batch.append((job, future.result()))
-                    except (OSError, ValueError) as error:  # ImageError and friends: report, move on
-                        fail(job.source, _reason(error))
-                        bar.update(1)
-                refill()
-                if not batch:
-                    continue
-                try:
-                    results = segmenter.segment_many([pixels for _, pixels in batch], plan.needs_probabilities)
-                except (OSError, ValueError, RuntimeError) as error:
-                    for job, _ in batch:
-                        fail(job.source, _reason(error))
-                        bar.update(1)
-                    continue
-                for (job, pixels), result in zip(batch, results, strict=True):
-                    writing.append((job, encoders.submit(write, job, result, pixels)))
-                settle(2 * workers)
-                bar.set_postfix_str(f"failed {len(report.failed)}", refresh=False)
-            settle(0)
+            for batch in _decoded_batches(run, decoders, todo, batch_size, max(2, batch_size + 2 * workers)):
+                for job, pixels, result in run.segment(batch):
+                    writing.append((job, encoders.submit(run.write, job, result, pixels)))
+                _settle(run, writing, 2 * workers)
+                run.bar.set_postfix_str(f"failed {len(run.report.failed)}", refresh=False)
+            _settle(run, writing, 0)
     finally:
-        bar.close()
-        writer.close()
+        run.bar.close()
+        run.folder.close()
         if previous is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    report.seconds = time.perf_counter() - started
-    return report
+    run.report.seconds = time.perf_counter() - started
+    return run.report
+
+
+def _decoded_batches(run: _Run, decoders: ThreadPoolExecutor, todo: Sequence[Job], batch_size: int,
+                     window: int) -> Iterator[list[tuple[Job, np.ndarray]]]:  # fmt: skip
+    """Batches of decoded images, at most ``window`` decodes ahead; images that fail to decode are reported."""
+    pending: deque[tuple[Job, Future]] = deque()
+    queue = iter(todo)
+
+    def refill() -> None:
+        for job in queue:
+            pending.append((job, decoders.submit(read_image, job.source, run.segmenter.max_pixels)))
+            if len(pending) >= window:
+                return
+
+    refill()
+    while pending:
+        batch: list[tuple[Job, np.ndarray]] = []
+        while pending and len(batch) < batch_size:
+            job, future = pending.popleft()
+            try:
+                batch.append((job, future.result()))
+            except (OSError, ValueError) as error:  # ImageError and friends: report, move on
+                run.fail(job, error)
+        refill()
+        if batch:
+            yield batch
+
+
+def _settle(run: _Run, writing: deque[tuple[Job, Future]], limit: int) -> None:
+    """Wait for finished writes until at most ``limit`` are in flight."""
+    while len(writing) > limit:
+        job, future = writing.popleft()
+        try:
+            future.result()
+        except (OSError, ValueError) as error:
+            run.fail(job, error)
+            continue
+        run.report.done += 1
+        run.bar.update(1)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

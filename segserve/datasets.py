@@ -12,6 +12,11 @@ Layouts (``--layout``; detected from the folder when not given):
 ``classes.json`` is ``{"classes": [names], "colors": [[r, g, b], ...], "ignore_index": N}``. Masks are
 single-channel class indices (L or P mode) or, for ``folder``, RGB images in the class colours. Internally
 the ignore index is always 255. This module needs only numpy and Pillow.
+
+Images are decoded by the runtime's own decoder (:func:`segserve.images.read_image`: EXIF orientation, 16-bit,
+every mode), so training, evaluation, calibration and serving see the same pixels. A mask is a per-pixel
+annotation of the photograph as stored, so it is turned by its image's EXIF orientation too: both are oriented,
+and labels stay on their pixels.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segserve.images import ImageError, is_image_name, orient, orientation, read_image
+
 IGNORE = 255
 LAYOUTS = ("camvid", "voc", "folder")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 CAMVID_CLASSES = (
     "sky",
@@ -165,7 +171,7 @@ def detect_layout(root: Path, split: str) -> str:
 def _images_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.iterdir() if is_image_name(p) and p.is_file())
 
 
 def open_collection(root: str | Path, split: str, layout: str | None = None) -> Collection:
@@ -213,18 +219,28 @@ def open_collection(root: str | Path, split: str, layout: str | None = None) -> 
 
 
 def load_image(path: Path) -> np.ndarray:
-    """An H x W x 3 uint8 RGB array."""
+    """An H x W x 3 uint8 RGB array, upright, exactly as the runtime decodes the file."""
     try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except OSError as error:
+        return read_image(path)
+    except (ImageError, OSError) as error:
         raise DatasetError(f"{path}: cannot read image ({error})") from error
 
 
-def load_mask(path: Path, classes: ClassInfo) -> np.ndarray:
-    """An H x W uint8 array of class indices with 255 for ignored pixels; bad labels raise DatasetError."""
+def load_pair(sample: Sample, classes: ClassInfo) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its mask, both turned by the image's EXIF orientation (see the module docs)."""
+    image = load_image(sample.image)
+    with Image.open(sample.image) as header:  # the header only: cheap
+        turn = orientation(header)
+    return image, load_mask(sample.mask, classes, turn)
+
+
+def load_mask(path: Path, classes: ClassInfo, turn: int = 1) -> np.ndarray:
+    """An H x W uint8 array of class indices with 255 for ignored pixels; bad labels raise DatasetError.
+
+    ``turn``: the EXIF orientation of the mask's image, applied to the mask as to its image."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            image = orient(opened, turn)
             if image.mode in ("RGB", "RGBA"):
                 labels = _colours_to_labels(np.asarray(image.convert("RGB")), classes, path)
             else:

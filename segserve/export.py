@@ -23,11 +23,13 @@ from torch import Tensor, nn
 
 import segserve
 from segserve.datasets import voc_palette
-from segserve.modelcard import METADATA_KEY, ModelMetadata
-from segserve.models.backbones import WeightsArg, get_backbone, load_classifier
+from segserve.files import publish
+from segserve.modelcard import INPUT, LABELS, LOGITS, ModelMetadata, label_dtype, stamp
+from segserve.models.backbones import WeightsArg, WeightsError, get_backbone, load_classifier
 from segserve.models.convolutionalize import convolutionalize
 from segserve.models.pipeline import IMAGENET_MEAN, IMAGENET_STD, SegmentationPipeline
 from segserve.models.upsample import subpixel_deconvolutions
+from segserve.training.checkpoint import Checkpoint, CheckpointError
 
 #: IR version written into every file: IR 10 (onnx 1.16) is read by onnxruntime >= 1.17.
 IR_VERSION = 10
@@ -41,7 +43,7 @@ class ExportGraph(nn.Module):
     def __init__(self, pipeline: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.pipeline = pipeline
-        self.label_dtype = torch.uint8 if num_classes <= 256 else torch.uint16
+        self.label_dtype = getattr(torch, label_dtype(num_classes))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.pipeline(images.permute(0, 3, 1, 2))
@@ -107,46 +109,35 @@ def export_onnx(
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph, (example,), None, input_names=["images"], output_names=["logits", "labels"],
-            dynamic_shapes={"images": dims}, opset_version=opset, dynamo=True, verbose=False,
+            graph, (example,), None, input_names=[INPUT], output_names=[LOGITS, LABELS],
+            dynamic_shapes={INPUT: dims}, opset_version=opset, dynamo=True, verbose=False,
         )  # fmt: skip
     model = program.model_proto
     if slim:
         model = simplify(model)
     model.ir_version = IR_VERSION
-    del model.metadata_props[:]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, metadata.to_json()
-    model.producer_name, model.producer_version = "segserve", segserve.__version__
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
-    try:
+    stamp(model, metadata)
+    with publish(path) as temporary:
         onnx.save_model(model, str(temporary))
         if transform is not None:
             transform(temporary)
         if verify is not None:
             verify(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 
-def checkpoint_graph(payload: dict) -> tuple[ExportGraph, ModelMetadata]:
-    """The export graph and metadata of a training checkpoint (see segserve.training.checkpoint)."""
-    from segserve.training.checkpoint import pipeline_from_checkpoint
-
-    config = payload["model_config"]
-    pipeline = pipeline_from_checkpoint(payload)
+def checkpoint_graph(checkpoint: Checkpoint) -> tuple[ExportGraph, ModelMetadata]:
+    """The export graph and metadata of a training checkpoint."""
+    config = checkpoint.model_config
     strides = {"32s": 32, "16s": 16, "8s": 8}
     metadata = ModelMetadata(
-        kind="segmentation", classes=tuple(config["classes"]),
-        palette=tuple(tuple(c) for c in config["palette"]), mean=tuple(config["mean"]), std=tuple(config["std"]),
-        input_scale=float(config["input_scale"]), backbone=config["backbone"], variant=config["variant"],
-        output_stride=strides[config["variant"]], label_dtype="uint8" if len(config["classes"]) <= 256 else "uint16",
-        segserve_version=segserve.__version__, training_data=config.get("training_data"),
-        validation=config.get("validation"),
+        kind="segmentation", classes=tuple(config.classes), palette=tuple(tuple(c) for c in config.palette),
+        mean=tuple(config.mean), std=tuple(config.std), input_scale=float(config.input_scale),
+        backbone=config.backbone, variant=config.variant, output_stride=strides[config.variant],
+        label_dtype=label_dtype(len(config.classes)), segserve_version=segserve.__version__,
+        training_data=config.training_data, validation=config.validation,
     )  # fmt: skip
-    return ExportGraph(pipeline, len(config["classes"])), metadata
+    return ExportGraph(checkpoint.pipeline(), len(config.classes)), metadata
 
 
 def classifier_graph(backbone: str, weights: WeightsArg = None) -> tuple[ExportGraph, ModelMetadata]:
@@ -161,7 +152,8 @@ def classifier_graph(backbone: str, weights: WeightsArg = None) -> tuple[ExportG
     categories = tuple(spec.imagenet_weights().meta["categories"])
     metadata = ModelMetadata(
         kind="classifier-heatmap", classes=categories, palette=voc_palette(len(categories)), mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, input_scale=1.0, backbone=backbone, variant=None, output_stride=32, label_dtype="uint16",
+        std=IMAGENET_STD, input_scale=1.0, backbone=backbone, variant=None, output_stride=32,
+        label_dtype=label_dtype(len(categories)),
         segserve_version=segserve.__version__, outputs_at_input_size=False,
         training_data="ImageNet (torchvision DEFAULT weights)" if weights == "imagenet" else None,
         notes={"weights": str(weights) if weights is not None else "random",
@@ -197,7 +189,7 @@ def check_export(graph: ExportGraph, path: str | os.PathLike[str],
     rows = []
     graph = graph.eval()
     for batch in batches_to_run:
-        logits, labels = session.run(["logits", "labels"], {"images": batch})
+        logits, labels = session.run([LOGITS, LABELS], {INPUT: batch})
         with torch.no_grad():
             reference = graph.pipeline(torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
         rows.append(ParityRow(batch.shape[0], batch.shape[1], batch.shape[2], float(np.abs(logits - reference).max()),
@@ -212,3 +204,94 @@ def format_parity(rows: list[ParityRow]) -> str:
             f"{r.batch:>5}  {f'{r.height}x{r.width}':<10}  {r.max_abs_diff:>16.2e}  {100 * r.argmax_agreement:>15.3f}%"
         )
     return "\n".join(lines)
+
+
+class ExportError(ValueError):
+    """An export request that cannot go ahead as asked (the message says why)."""
+
+
+class ParityError(RuntimeError):
+    """The exported file failed its parity check and was not written."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What ``segserve export`` asks for: one source (checkpoint or classifier), the precision, the checks."""
+
+    output: str
+    checkpoint: str | None = None
+    classifier: str | None = None
+    weights: str | None = None
+    opset: int = DEFAULT_OPSET
+    check: bool = False
+    tolerance: float = 1e-3
+    fp16: bool = False
+    int8: bool = False
+    calibrate: str | None = None
+    calibration_count: int = 48
+    simplify: bool = False
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.int8 else "float16" if self.fp16 else "float32"
+
+    @property
+    def agreement_limit(self) -> float:
+        """Lowest argmax agreement with PyTorch that passes. fp16 logits differ by ~1e-2 and int8 by more: only
+        their labels are held to a bound (validation mIoU is the real measure of an int8 model)."""
+        return 0.95 if self.int8 else 0.99 if self.fp16 else 0.999
+
+
+def export_model(request: ExportRequest, say: Callable[[str], None] = print) -> tuple[Path, ModelMetadata]:
+    """Export as ``request`` says; with ``check`` the file is kept only if it passes (else ParityError)."""
+    if (request.checkpoint is None) == (request.classifier is None):
+        raise ExportError("give either a CHECKPOINT or --classifier BACKBONE")
+    if request.fp16 and request.int8:
+        raise ExportError("choose one of --fp16 and --int8")
+    if request.int8 and not request.calibrate:
+        raise ExportError("--int8 needs --calibrate DIR: images like those the model will see (e.g. its train split)")
+    try:
+        if request.classifier:
+            reference, metadata = classifier_graph(request.classifier, request.weights)
+        else:
+            reference, metadata = checkpoint_graph(Checkpoint.load(request.checkpoint))
+    except (CheckpointError, WeightsError, ValueError) as error:
+        raise ExportError(str(error)) from error
+    graph, metadata = half_precision(reference, metadata) if request.fp16 else (reference, metadata)
+    transform, parity_images = _int8_transform(request, say) if request.int8 else (None, [])
+
+    def verify(path: Path) -> None:
+        rows = check_export(reference, path, images=parity_images)
+        say("onnx.checker (full_check): passed")
+        say(f"parity, onnxruntime ({request.precision}) vs PyTorch (float32):\n{format_parity(rows)}")
+        worst = max(r.max_abs_diff for r in rows)
+        agreement = min(r.argmax_agreement for r in rows)
+        lossy = request.fp16 or request.int8
+        if (not lossy and worst > request.tolerance) or agreement < request.agreement_limit:
+            raise ParityError(
+                f"parity check failed: max |logit diff| {worst:.2e}"
+                + ("" if lossy else f" (limit {request.tolerance:g})")
+                + f", argmax agreement {100 * agreement:.3f}% (limit {100 * request.agreement_limit:g}%)"
+            )
+
+    path = export_onnx(graph, request.output, metadata, opset=request.opset, verify=verify if request.check else None,
+                       slim=request.simplify, transform=transform)  # fmt: skip
+    return path, metadata
+
+
+def _int8_transform(request: ExportRequest, say: Callable[[str], None]) -> tuple[Callable[[Path], None], list]:
+    """The in-place quantization of a saved file, and the real images its parity is judged on."""
+    from segserve.images import read_image
+    from segserve.quantize import calibration_images, quantize_int8
+
+    try:
+        images = calibration_images(request.calibrate, request.calibration_count)
+    except ValueError as error:
+        raise ExportError(str(error)) from error
+    say(f"calibrating int8 ranges on {len(images)} images from {request.calibrate}")
+    parity_images = [read_image(p) for p in images[:: max(1, len(images) // 6)][:6]]
+
+    def transform(path: Path) -> None:
+        quantize_int8(path, path, images)
+
+    return transform, parity_images

@@ -21,11 +21,23 @@ inside the graph, so a runtime feeds decoded pixels and reads answers.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import segserve
+
 FORMAT = "segserve-onnx/1"
 METADATA_KEY = "segserve"
+INPUT = "images"  # the graph's input
+LOGITS = "logits"  # its outputs
+LABELS = "labels"
+OUTPUTS = (LOGITS, LABELS)
+
+
+def label_dtype(classes: int) -> str:
+    """The labels output's element type: uint8 up to 256 classes, else uint16."""
+    return "uint8" if classes <= 256 else "uint16"
 
 
 class ModelFileError(ValueError):
@@ -47,9 +59,9 @@ class ModelMetadata:
     output_stride: int
     label_dtype: str
     segserve_version: str
-    input_name: str = "images"
+    input_name: str = INPUT
     input_layout: str = "NHWC uint8 RGB"
-    outputs: tuple[str, ...] = ("logits", "labels")
+    outputs: tuple[str, ...] = OUTPUTS
     outputs_at_input_size: bool = True  # False: coarse heatmaps (a convolutionalized classifier)
     precision: str = "float32"  # "float16": the network's weights and compute (input, resizing, outputs stay float32)
     training_data: str | None = None
@@ -85,8 +97,23 @@ class ModelMetadata:
                     "palette": tuple(tuple(int(v) for v in c) for c in raw["palette"]),
                     "mean": tuple(raw["mean"]),
                     "std": tuple(raw["std"]),
-                    "outputs": tuple(raw.get("outputs", ("logits", "labels"))),
+                    "outputs": tuple(raw.get("outputs", OUTPUTS)),
                 }
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{source}: segserve metadata is incomplete or malformed ({error})") from None
+
+
+def stamp(model: Any, metadata: ModelMetadata) -> None:
+    """Write ``metadata`` into an ``onnx.ModelProto`` (replacing any earlier entry) and name segserve its producer."""
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata.to_json()
+    model.producer_name, model.producer_version = "segserve", segserve.__version__
+
+
+def read_stamp(props: Mapping[str, str], source: str) -> ModelMetadata:
+    """The metadata among a model's ``metadata_props`` (as a mapping: onnxruntime's ``custom_metadata_map``)."""
+    if METADATA_KEY not in props:
+        raise ModelFileError(f"{source}: no segserve metadata (export the model with `segserve export`)")
+    return ModelMetadata.from_json(props[METADATA_KEY], source=source)

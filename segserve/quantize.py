@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from segserve.modelcard import METADATA_KEY, ModelMetadata
-from segserve.runtime.images import read_image
+from segserve.files import publish
+from segserve.images import is_image_name, read_image
+from segserve.modelcard import INPUT, read_stamp, stamp
 
 #: Operators quantized; Resize, Softmax and ArgMax stay float (they are cheap, and the final resize of the scores
 #: decides the labels at full resolution).
@@ -30,9 +31,7 @@ QUANTIZED_OPS = ("Conv", "ConvTranspose", "DepthToSpace", "Add", "Relu", "MaxPoo
 
 def calibration_images(folder: str | os.PathLike[str], count: int = 48) -> list[Path]:
     """``count`` images spread evenly over a folder (sorted), for calibration."""
-    from segserve.batch import IMAGE_SUFFIXES
-
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in Path(folder).rglob("*") if is_image_name(p))
     if not files:
         raise ValueError(f"{folder}: no images to calibrate on")
     step = max(1, len(files) // count)
@@ -50,13 +49,11 @@ def quantize_int8(source: str | os.PathLike[str], target: str | os.PathLike[str]
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             path = next(self.feed, None)
-            return None if path is None else {"images": read_image(path)[None]}
+            return None if path is None else {INPUT: read_image(path)[None]}
 
     original = onnx.load(str(source))
-    entry = {p.key: p.value for p in original.metadata_props}.get(METADATA_KEY)
-    if entry is None:
-        raise ValueError(f"{source}: no segserve metadata; export it with segserve first")
-    metadata = dataclasses.replace(ModelMetadata.from_json(entry, str(source)), precision="int8")
+    found = read_stamp({p.key: p.value for p in original.metadata_props}, str(source))
+    metadata = dataclasses.replace(found, precision="int8")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -68,10 +65,7 @@ def quantize_int8(source: str | os.PathLike[str], target: str | os.PathLike[str]
         )  # fmt: skip
         model = onnx.load(str(quantized))
         model.ir_version = original.ir_version
-        del model.metadata_props[:]
-        prop = model.metadata_props.add()
-        prop.key, prop.value = METADATA_KEY, metadata.to_json()
-        model.producer_name, model.producer_version = original.producer_name, original.producer_version
-        onnx.save_model(model, str(quantized))
-        os.replace(quantized, target)
+        stamp(model, metadata)
+        with publish(target) as temporary:
+            onnx.save_model(model, str(temporary))
     return target

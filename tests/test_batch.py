@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segserve.batch import OutputPlan, collect_inputs
+from segserve.batch import collect_inputs
 from segserve.runtime import Segmenter
+from segserve.runtime.outputs import OutputPlan
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int] = (60, 80), seed: int = 0) -> list[Path]:
@@ -92,7 +93,7 @@ def test_output_names_never_leave_the_output_folder(tmp_path: Path) -> None:
     assert all(".." not in j.stem.parts and not j.stem.is_absolute() for j in jobs)
     assert missing == [(str(tmp_path / "nothing.png"), "no such file or folder")]
     assert (
-        OutputPlan(kinds=("labels", "heatmaps"), heatmap_format="png").paths(jobs[0].stem, ["a"])["heatmaps"].name
+        OutputPlan(kinds=("labels", "heatmaps"), heatmap_format="png").file_names(jobs[0].stem)["heatmaps"].name
         == "a.jpg.heatmaps"
     )
 

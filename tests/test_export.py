@@ -21,13 +21,13 @@ from segserve.export import (
 )
 from segserve.modelcard import METADATA_KEY, ModelFileError
 from segserve.runtime import load_model
-from segserve.training.checkpoint import FORMAT, build_pipeline
+from segserve.training.checkpoint import Checkpoint, ModelConfig
 
 SIZES = ((1, 1), (7, 13), (224, 224), (333, 517), (768, 1024))
 CLASSES = ["sky", "road", "car", "tree", "person"]
 
 
-def fake_checkpoint(variant: str, input_scale: float = 1.0, backbone: str = "resnet18") -> dict:
+def fake_checkpoint(variant: str, input_scale: float = 1.0, backbone: str = "resnet18") -> Checkpoint:
     """A checkpoint payload whose FCN gives varied, well-scaled logits (trained nets do; zero-init ones don't)."""
     config = {
         "backbone": backbone, "variant": variant, "classes": CLASSES,
@@ -36,12 +36,13 @@ def fake_checkpoint(variant: str, input_scale: float = 1.0, backbone: str = "res
         "training_data": "synthetic", "validation": {"mean_iou": 0.5},
     }  # fmt: skip
     torch.manual_seed(0)
-    pipeline = build_pipeline(config).eval()
+    config = ModelConfig(**config)
+    pipeline = config.pipeline().eval()
     with torch.no_grad():
         for name, parameter in pipeline.named_parameters():
             if "score" in name:
                 parameter.normal_(0, 0.05)
-    return {"format": FORMAT, "model_config": config, "model": pipeline.state_dict()}
+    return Checkpoint(config, pipeline.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_bad_model_files_get_one_line_errors(exports, tmp_path: Path, segserve_c
 
 
 def test_cli_export_check_writes_a_verified_file(tmp_path: Path, segserve_command: list[str]) -> None:
-    torch.save(fake_checkpoint("16s", backbone="mobilenet_v3_small"), tmp_path / "run.pt")
+    fake_checkpoint("16s", backbone="mobilenet_v3_small").save(tmp_path / "run.pt")
     out = tmp_path / "models" / "tiny.onnx"
     result = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(out), "--check"],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -218,7 +219,7 @@ def test_evaluating_an_onnx_file_needs_no_torch(exports, tmp_path: Path, torchle
 def test_int8_export_is_calibrated_on_images_and_keeps_the_contract(tmp_path: Path, segserve_command) -> None:
     from PIL import Image
 
-    torch.save(fake_checkpoint("8s", backbone="mobilenet_v3_small", input_scale=0.5), tmp_path / "run.pt")
+    fake_checkpoint("8s", backbone="mobilenet_v3_small", input_scale=0.5).save(tmp_path / "run.pt")
     for index in range(4):
         pixels = np.random.default_rng(index).integers(0, 256, size=(72, 96, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / f"calib{index}.png")

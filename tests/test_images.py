@@ -11,7 +11,7 @@ import pytest
 from conftest import png_bomb
 from PIL import Image
 
-from segserve.runtime.images import ImageError, ImageTooLarge, read_image
+from segserve.images import ImageError, ImageTooLarge, read_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

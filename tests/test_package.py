@@ -23,7 +23,7 @@ def test_importing_segserve_does_not_import_torch_or_onnxruntime() -> None:
 
 
 def test_runtime_imports_no_torch() -> None:
-    imports = "segserve.runtime, segserve.runtime.images, segserve.training.evaluate"
+    imports = "segserve.runtime, segserve.images, segserve.training.evaluate"
     assert heavy_modules_after(imports, ("torch", "torchvision", "onnx")) == []
 
 
@@ -62,6 +62,6 @@ def test_readme_main_job_serves_the_service_the_tests_start() -> None:
     command = _readme_command("start the main job")
     assert command.startswith("python3 -m venv .venv && .venv/bin/pip install -e . && ")
     assert command.endswith(".venv/bin/bentoml serve service:Segmentation")
-    from segserve.devserver import SERVICE  # what tests/test_service.py and the benchmarks start
+    from devserver import SERVICE  # what tests/test_service.py and the benchmarks start
 
     assert command.endswith(f".venv/bin/bentoml serve {SERVICE}")

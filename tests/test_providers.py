@@ -29,7 +29,7 @@ def test_gpu_host_offers_tensorrt_only_where_it_loads(monkeypatch, trt: bool) ->
 
 
 def test_provider_settings_cache_engines_and_keep_new_shapes_cheap(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv(providers.TRT_CACHE_ENV, str(tmp_path / "engines"))
+    monkeypatch.setenv("SEGSERVE_TRT_CACHE", str(tmp_path / "engines"))
     trt, cuda, cpu = providers.provider_settings(
         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     )

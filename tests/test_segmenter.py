@@ -12,7 +12,10 @@ from PIL import Image, ImageOps
 
 from segserve.export import classifier_graph, export_onnx
 from segserve.modelcard import ModelFileError
-from segserve.runtime.segmenter import MODEL_ENV, Segmenter, default_model_path
+from segserve.runtime.segmenter import Segmenter, default_model_path
+from segserve.settings import Settings
+
+MODEL_ENV = Settings.variables()["model"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

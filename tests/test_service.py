@@ -17,9 +17,9 @@ import numpy as np
 import psutil
 import pytest
 from conftest import png_bomb
+from devserver import running_service
 from PIL import Image
 
-from segserve.devserver import running_service
 from segserve.runtime import Segmenter, load_model
 
 ROOT = Path(__file__).resolve().parent.parent

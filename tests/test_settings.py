@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from segserve.runtime.session import gpu_present
-from segserve.serving import Settings
+from segserve.hardware import gpu_present
+from segserve.settings import Settings
 
 
 def test_settings_read_the_given_environment_only(monkeypatch) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from segserve.training.augment import AugmentConfig, augment
-from segserve.training.checkpoint import FORMAT, CheckpointError, load_checkpoint
+from segserve.training.checkpoint import FORMAT, Checkpoint, CheckpointError
 
 TRAIN = ["train", "--backbone", "mobilenet_v3_small", "--fcn", "8s", "--batch-size", "4", "--lr", "3e-3",
          "--seed", "7", "--no-progress"]  # fmt: skip
@@ -68,12 +68,12 @@ def test_checkpoint_is_complete_and_loads_weights_only(trained_run: tuple[Path, 
 
 def test_evaluate_reprints_the_training_figures(trained_run, segserve_command, tmp_path: Path) -> None:
     data, out, _ = trained_run
-    best = load_checkpoint(out / "best.pt")
+    best = Checkpoint.load(out / "best.pt")
     result = run(segserve_command, "evaluate", str(out / "best.pt"), "--data", str(data), "--split", "val",
                  "--json", str(tmp_path / "m.json"), "--no-progress")  # fmt: skip
     assert result.returncode == 0, result.stderr
     figures = json.loads((tmp_path / "m.json").read_text())
-    logged = best["model_config"]["validation"]
+    logged = best.model_config.validation
     for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou"):
         assert figures[key] == pytest.approx(logged[key], abs=1e-12), key
     assert f"{100 * logged['mean_iou']:6.2f}" in result.stdout
@@ -94,20 +94,21 @@ def test_existing_run_is_not_overwritten(trained_run, segserve_command) -> None:
 
 def test_init_fine_tunes_from_a_checkpoint_at_another_scale(trained_run, segserve_command, tmp_path: Path) -> None:
     """--init: the new run starts from the old weights and normalisation; mismatched models are refused."""
-    from segserve.training.loop import TrainConfig, TrainingError, train
+    from segserve.training.config import TrainConfig
+    from segserve.training.loop import TrainingError, train
 
     data, out, _ = trained_run
-    source = load_checkpoint(out / "best.pt")
+    source = Checkpoint.load(out / "best.pt")
     tuned = tmp_path / "tuned"
     result = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "1", "--out", str(tuned), "--init",
                  str(out / "best.pt"), "--input-scale", "0.5", "--class-weights", "sqrt-median-freq",
                  "--lr", "1e-12")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    after = load_checkpoint(tuned / "last.pt")
-    assert after["model_config"]["input_scale"] == 0.5
-    assert after["model_config"]["mean"] == source["model_config"]["mean"]
+    after = Checkpoint.load(tuned / "last.pt")
+    assert after.model_config.input_scale == 0.5
+    assert after.model_config.mean == source.model_config.mean
     trunk = "fcn.backbone.features.0.0.weight"
-    assert torch.allclose(after["model"][trunk], source["model"][trunk], atol=1e-6)  # lr ~0: the weights it began with
+    assert torch.allclose(after.model[trunk], source.model[trunk], atol=1e-6)  # lr ~0: the weights it began with
     with pytest.raises(TrainingError, match="it has backbone='mobilenet_v3_small', this run 'resnet18'"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "x"), backbone="resnet18", init=str(out / "best.pt"),
                           progress=False))  # fmt: skip
@@ -130,15 +131,15 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, segserve_command: list[st
     assert process.poll() is None, "the run ended before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    interrupted = load_checkpoint(out / "last.pt")
-    assert (interrupted["epoch"], interrupted["batch"]) < (4, 0), "killed after the run had finished"
+    interrupted = Checkpoint.load(out / "last.pt")
+    assert (interrupted.epoch, interrupted.batch) < (4, 0), "killed after the run had finished"
 
     resumed = run(segserve_command, *args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a = load_checkpoint(tmp_path / "straight" / "last.pt")
-    b = load_checkpoint(out / "last.pt")
-    assert a["step"] == b["step"] == 8
-    diff = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
+    a = Checkpoint.load(tmp_path / "straight" / "last.pt")
+    b = Checkpoint.load(out / "last.pt")
+    assert a.step == b.step == 8
+    diff = max((a.model[k].float() - b.model[k].float()).abs().max().item() for k in a.model)
     assert diff <= 1e-6
     config = json.loads((out / "config.json").read_text())
     assert config["resumed"][0]["command"].endswith("--resume")
@@ -147,10 +148,10 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, segserve_command: list[st
 def test_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
     (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match=r"cut\.pt is not a readable checkpoint"):
-        load_checkpoint(tmp_path / "cut.pt")
+        Checkpoint.load(tmp_path / "cut.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=r"other\.pt is not a segserve checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+        Checkpoint.load(tmp_path / "other.pt")
 
 
 def test_augmentation_is_a_function_of_its_seed() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,28 +30,40 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from segserve.modelcard import ModelFileError, ModelMetadata
+from segserve.images import ImageSource, read_image
+from segserve.modelcard import INPUT, LABELS, LOGITS, ModelFileError, ModelMetadata
 from segserve.runtime.encode import softmax
-from segserve.runtime.images import ImageSource, read_image
 from segserve.runtime.session import load_model
+from segserve.settings import Settings
 
-MODEL_ENV = "SEGSERVE_MODEL"
 COARSEST_STRIDE = 32  # every segserve FCN pads to, and pools down to, multiples of 32 network pixels
-MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "models"
 
 
-def default_model_path() -> Path:
-    """``SEGSERVE_MODEL`` if set, else the file named by ``models/default.json`` in the source tree."""
-    if os.environ.get(MODEL_ENV):
-        return Path(os.environ[MODEL_ENV])
-    pointer = MODELS_DIR / "default.json"
-    if not pointer.is_file():
-        raise ModelFileError(f"no model given, {MODEL_ENV} is not set and {pointer} does not exist")
-    return MODELS_DIR / json.loads(pointer.read_text())["model"]
+def shipped_model_folders() -> list[Path]:
+    """Where the shipped models are looked for, in order: ``models/`` beside the package's source tree (a
+    checkout, ``pip install -e .``, a bento), then ``share/segserve/models`` of the installation's prefix,
+    where ``pip install .`` puts them (pyproject ``data-files``)."""
+    return [Path(__file__).resolve().parents[2] / "models", Path(sys.prefix) / "share" / "segserve" / "models"]
+
+
+def default_model_path(settings: Settings | None = None) -> Path:
+    """``SEGSERVE_MODEL`` if set, else the file the first ``default.json`` of :func:`shipped_model_folders` names."""
+    settings = settings or Settings.from_env()
+    if settings.model is not None:
+        return settings.model
+    for folder in shipped_model_folders():
+        pointer = folder / "default.json"
+        if pointer.is_file():
+            return folder / json.loads(pointer.read_text())["model"]
+    searched = ", ".join(str(folder) for folder in shipped_model_folders())
+    raise ModelFileError(
+        f"no model given and no shipped default model (looked in {searched}): pass --model FILE.onnx or set "
+        "SEGSERVE_MODEL, or reinstall segserve from its wheel or source tree"
+    )
 
 
 @dataclass
-class Segmentation:
+class SegmentationResult:
     """``labels``: H x W class indices; ``probabilities``: C x H x W float32 when asked for."""
 
     labels: np.ndarray
@@ -100,18 +113,25 @@ def _starts(size: int, tile: int, stride: int, grid: int) -> list[int]:
 
 
 class Segmenter:
-    """Segments images with an exported segserve model (``model_path=None``: the default model)."""
+    """Segments images with an exported segserve model.
+
+    Arguments left at ``None`` (the model, providers, pixel limit, threads) come from ``settings``, by default
+    the environment's (:class:`segserve.settings.Settings`: ``SEGSERVE_MODEL``, ...), read once here."""
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, providers: list[str] | None = None, *,
                  tile: int = 1024, overlap: int = 256, tile_above: int | None = None,
-                 max_pixels: int | None = None, threads: int | None = None) -> None:  # fmt: skip
+                 max_pixels: int | None = None, threads: int | None = None,
+                 settings: Settings | None = None) -> None:  # fmt: skip
         if tile < 64 or not 0 <= overlap < tile // 2:
             raise ValueError(f"tile must be >= 64 and overlap in [0, tile/2), got tile={tile}, overlap={overlap}")
-        path = Path(model_path) if model_path is not None else default_model_path()
-        self.model = load_model(path, providers, session_options(threads))
+        settings = settings or Settings.from_env()
+        path = Path(model_path) if model_path is not None else default_model_path(settings)
+        chosen = providers or settings.provider_list
+        options = session_options(threads or settings.threads)
+        self.model = load_model(path, chosen, options, settings.trt_cache)
         self.tile, self.overlap = tile, overlap
         self.tile_above = tile_above if tile_above is not None else 2 * tile * tile
-        self.max_pixels = max_pixels
+        self.max_pixels = max_pixels or settings.max_pixels
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -122,20 +142,20 @@ class Segmenter:
         return self.model.providers
 
     def _run(self, batch: np.ndarray, want_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
-        names = ["logits", "labels"] if want_logits else ["labels"]
-        outputs = self.model.session.run(names, {"images": batch})
+        names = [LOGITS, LABELS] if want_logits else [LABELS]
+        outputs = self.model.session.run(names, {INPUT: batch})
         return (outputs[0], outputs[1]) if want_logits else (None, outputs[0])
 
-    def segment(self, image: ImageSource, probabilities: bool = False) -> Segmentation:
+    def segment(self, image: ImageSource, probabilities: bool = False) -> SegmentationResult:
         """Labels (and probabilities) for one image at its full size."""
         return self.segment_many([image], probabilities)[0]
 
-    def segment_many(self, images: Sequence[ImageSource], probabilities: bool = False) -> list[Segmentation]:
+    def segment_many(self, images: Sequence[ImageSource], probabilities: bool = False) -> list[SegmentationResult]:
         """Several images; those of one size (and below the tiling threshold) share one ``session.run``."""
         started = time.perf_counter()
         decoded = [read_image(image, self.max_pixels) for image in images]
         decode_time = (time.perf_counter() - started) / max(1, len(images))
-        results: list[Segmentation | None] = [None] * len(decoded)
+        results: list[SegmentationResult | None] = [None] * len(decoded)
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, pixels in enumerate(decoded):
             height, width = pixels.shape[:2]
@@ -143,7 +163,7 @@ class Segmenter:
                 begun = time.perf_counter()
                 labels, probs = self._tiled(pixels, probabilities)
                 timings = {"decode": decode_time, "inference": time.perf_counter() - begun}
-                results[index] = Segmentation(labels, probs, timings)
+                results[index] = SegmentationResult(labels, probs, timings)
             else:
                 groups.setdefault(pixels.shape, []).append(index)
         for members in groups.values():
@@ -157,7 +177,7 @@ class Segmenter:
                 labels_i = labels[row]
                 if not self.metadata.outputs_at_input_size:
                     labels_i, probs = _to_input_size(labels_i, probs, height, width)
-                results[index] = Segmentation(labels_i, probs, {"decode": decode_time, "inference": share})
+                results[index] = SegmentationResult(labels_i, probs, {"decode": decode_time, "inference": share})
         return [r for r in results if r is not None]
 
     def _grid(self) -> int:
@@ -171,7 +191,7 @@ class Segmenter:
         height, width = pixels.shape[:2]
         tile, stride, grid = self.tile, self.tile - self.overlap, self._grid()
         classes = len(self.metadata.classes)
-        labels = np.empty((height, width), dtype=np.uint8 if classes <= 256 else np.uint16)
+        labels = np.empty((height, width), dtype=self.metadata.label_dtype)
         probabilities = np.empty((classes, height, width), np.float32) if want_probabilities else None
         ys, xs = _starts(height, tile, stride, grid), _starts(width, tile, stride, grid)
         band_rows = min(tile + grid, height)

@@ -2,8 +2,8 @@
 
 Providers: TensorRT, then CUDA, then CPU, keeping those this onnxruntime build offers and, for the GPU ones,
 only where an NVIDIA device is present (onnxruntime-gpu lists CUDA even on a machine without a GPU and then logs
-loud errors while falling back). Override with the ``providers`` argument or ``SEGSERVE_PROVIDERS``
-(comma-separated, e.g. ``CPUExecutionProvider`` or ``CUDAExecutionProvider,CPUExecutionProvider``).
+loud errors while falling back). Override with the ``providers`` argument (the faces fill it from
+``SEGSERVE_PROVIDERS``, e.g. ``CPUExecutionProvider`` or ``CUDAExecutionProvider,CPUExecutionProvider``).
 What actually runs is ``session.get_providers()``, reported as :attr:`LoadedModel.providers`.
 
 GPU hosts: the CUDA and cuDNN libraries of the ``nvidia-*`` wheels (``onnxruntime-gpu[cuda,cudnn]``, what the
@@ -11,8 +11,8 @@ container installs) live in site-packages, off the dynamic loader's path, so the
 opens (without that onnxruntime logs an error and quietly runs on the CPU). TensorRT is offered only where its
 library loads (onnxruntime-gpu lists the provider regardless; TensorRT itself is a separate install). Provider
 settings keep the first request of a new image size short: TensorRT engines and timings are cached on disk
-(``SEGSERVE_TRT_CACHE``), and cuDNN picks convolution algorithms heuristically instead of benchmarking every
-candidate for every new shape.
+(``trt_cache``, from ``SEGSERVE_TRT_CACHE``), and cuDNN picks convolution algorithms heuristically instead of
+benchmarking every candidate for every new shape.
 """
 
 from __future__ import annotations
@@ -30,23 +30,14 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from segserve.modelcard import METADATA_KEY, ModelFileError, ModelMetadata
+from segserve.hardware import gpu_present
+from segserve.modelcard import ModelFileError, ModelMetadata, read_stamp
+from segserve.settings import Settings
 
 log = logging.getLogger("segserve.runtime")
 
-PROVIDERS_ENV = "SEGSERVE_PROVIDERS"
-TRT_CACHE_ENV = "SEGSERVE_TRT_CACHE"
 _PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
-
-
-def comma_list(text: str | None) -> tuple[str, ...]:
-    """``"a, b,,a"`` -> ``("a", "b")``: the one parser for comma-list options and environment variables."""
-    return tuple(dict.fromkeys(item.strip() for item in (text or "").split(",") if item.strip()))
-
-
-def gpu_present() -> bool:
-    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 
 
 @functools.cache
@@ -85,9 +76,7 @@ def tensorrt_present() -> bool:
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     """The execution providers to ask onnxruntime for, best first (see module docs)."""
     available = ort.get_available_providers()
-    if requested is None and os.environ.get(PROVIDERS_ENV):
-        requested = list(comma_list(os.environ[PROVIDERS_ENV]))
-    if requested is not None:
+    if requested:
         unknown = [p for p in requested if p not in available]
         if unknown:
             raise ValueError(f"execution providers {unknown} are not available here (available: {available})")
@@ -108,7 +97,7 @@ def provider_settings(providers: Sequence[str], cache: Path | None = None) -> li
     entries: list[str | tuple[str, dict[str, str]]] = []
     for provider in providers:
         if provider == "TensorrtExecutionProvider":
-            folder = cache or Path(os.environ.get(TRT_CACHE_ENV) or Path.home() / ".cache" / "segserve" / "tensorrt")
+            folder = cache or Settings.from_env().trt_cache
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as error:
@@ -142,6 +131,7 @@ def load_model(
     path: str | os.PathLike[str],
     providers: Sequence[str] | None = None,
     options: ort.SessionOptions | None = None,
+    trt_cache: Path | None = None,
 ) -> LoadedModel:
     """Open an exported model; a missing, damaged, non-ONNX or non-segserve file raises ModelFileError."""
     path = Path(path)
@@ -149,15 +139,13 @@ def load_model(
         raise ModelFileError(f"{path}: model file does not exist")
     chosen = choose_providers(providers)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=provider_settings(chosen))
+        entries = provider_settings(chosen, trt_cache)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=entries)
     except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "Protobuf parsing failed" in reason or "INVALID_PROTOBUF" in reason:
             reason = "not an ONNX model, or a truncated one (protobuf parsing failed)"
         raise ModelFileError(f"{path}: cannot load: {reason}") from None
-    props = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in props:
-        raise ModelFileError(f"{path}: no segserve metadata (export the model with `segserve export`)")
-    metadata = ModelMetadata.from_json(props[METADATA_KEY], source=str(path))
+    metadata = read_stamp(session.get_modelmeta().custom_metadata_map, str(path))
     log.info("loaded %s (%s %s) on %s", path, metadata.backbone, metadata.variant, session.get_providers())
     return LoadedModel(path, session, metadata)

@@ -1,25 +1,32 @@
-"""Checkpoints that lose nothing: written atomically, loadable with ``weights_only=True``, complete for resume.
+"""Checkpoints that lose nothing: typed, written atomically, loadable with ``weights_only=True``, complete for resume.
 
-A checkpoint is a plain dict of tensors, numbers, strings and lists:
+On disk a checkpoint is a plain dict of tensors, numbers, strings and lists (``torch.load(weights_only=True)``
+runs no code from the file); in memory it is a :class:`Checkpoint`:
 
 ``format``       ``"segserve-checkpoint/1"``
-``model_config`` what rebuilds the model: backbone, variant, classes, palette, mean/std, input scale
+``model_config`` what rebuilds the model (:class:`ModelConfig`): backbone, variant, classes, palette, mean/std,
+                 input scale
 ``model``        the SegmentationPipeline's state_dict
-``optimizer``, ``scheduler``, ``epoch`` (epochs completed), ``batch`` (batches done in the current epoch),
-``step`` (optimizer steps), ``rng`` (torch, CUDA, numpy and Python generator states), ``history`` (per-epoch
-records), ``best_miou``, ``train_config``.
+``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``batch`` (batches done in the current
+epoch), ``step`` (optimizer steps), ``rng`` (torch, CUDA, numpy and Python generator states), ``history``
+(per-epoch records), ``best_miou``, ``train_config``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+import segserve
+from segserve.datasets import IGNORE
+from segserve.files import publish
 from segserve.models.fcn import build_fcn
 from segserve.models.pipeline import SegmentationPipeline
 
@@ -30,56 +37,84 @@ class CheckpointError(ValueError):
     """A file that is not a usable segserve checkpoint."""
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+@dataclass
+class ModelConfig:
+    """What rebuilds a trained model, and what its exported card says about it."""
+
+    backbone: str
+    variant: str
+    classes: list[str]
+    palette: list[list[int]]
+    mean: list[float]
+    std: list[float]
+    input_scale: float = 1.0
+    ignore_index: int = IGNORE
+    freeze_upsampling: bool = False
+    training_data: str | None = None
+    validation: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in raw.items() if key in known})
+
+    def pipeline(self) -> SegmentationPipeline:
+        """A fresh (untrained) pipeline of this configuration."""
+        fcn = build_fcn(self.backbone, self.variant, len(self.classes), freeze_upsampling=self.freeze_upsampling)
+        return SegmentationPipeline(fcn, self.mean, self.std, self.input_scale)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint (no code from the file runs) or raise a CheckpointError naming the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, pickle with code, not a torch file: all are "not a checkpoint"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path} is not a segserve checkpoint (format {found!r}, expected {FORMAT!r})")
-    return payload
+@dataclass
+class Checkpoint:
+    """A model's weights and configuration, and for a training run everything that resumes it exactly."""
 
+    model_config: ModelConfig
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    rng: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_miou: float = -1.0
+    train_config: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    segserve_version: str = segserve.__version__
 
-def build_pipeline(config: dict[str, Any]) -> SegmentationPipeline:
-    """A fresh (untrained) pipeline for ``model_config``."""
-    fcn = build_fcn(
-        config["backbone"],
-        config["variant"],
-        len(config["classes"]),
-        freeze_upsampling=config.get("freeze_upsampling", False),
-    )
-    return SegmentationPipeline(fcn, config["mean"], config["std"], config["input_scale"])
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically and durably: a crash leaves the old file or the new one, never half of one."""
+        payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        payload["model_config"] = dataclasses.asdict(self.model_config)
+        with publish(path, durable=True) as temporary:
+            torch.save(payload, temporary)
 
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """Read a checkpoint (no code from the file runs) or raise a CheckpointError naming the problem."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated zip, pickle with code, not a torch file: all are "not a checkpoint"
+            raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise CheckpointError(f"{path} is not a segserve checkpoint (format {found!r}, expected {FORMAT!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            values = {key: value for key, value in payload.items() if key in known}
+            return cls(**{**values, "model_config": ModelConfig.from_dict(payload["model_config"])})
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(f"{path} is an incomplete segserve checkpoint ({error})") from error
 
-def pipeline_from_checkpoint(payload: dict[str, Any]) -> SegmentationPipeline:
-    """The trained pipeline a checkpoint holds, in eval mode."""
-    pipeline = build_pipeline(payload["model_config"])
-    pipeline.load_state_dict(payload["model"])
-    return pipeline.eval()
+    def pipeline(self) -> SegmentationPipeline:
+        """The trained pipeline this checkpoint holds, in eval mode."""
+        pipeline = self.model_config.pipeline()
+        pipeline.load_state_dict(self.model)
+        return pipeline.eval()
 
 
 def rng_state() -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from segserve.datasets import IGNORE, Collection, load_image, load_mask
+from segserve.datasets import IGNORE, Collection, load_pair
 from segserve.metrics import SegmentationMetrics, compute_metrics, confusion_matrix
 
 #: Images (N x H x W x 3 uint8, all one size) -> class indices (N x H x W) at the same size.
@@ -16,7 +16,7 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 
 def pairs_of(collection: Collection) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for sample in collection.samples:
-        yield load_image(sample.image), load_mask(sample.mask, collection.classes)
+        yield load_pair(sample, collection.classes)
 
 
 def evaluate(

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,52 +30,14 @@ from segserve.models.backbones import WeightsArg
 from segserve.models.fcn import build_fcn
 from segserve.models.pipeline import IMAGENET_MEAN, IMAGENET_STD, SegmentationPipeline, pipeline_predictor
 from segserve.training.augment import AugmentConfig, augment
-from segserve.training.checkpoint import (
-    FORMAT,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from segserve.training.checkpoint import Checkpoint, ModelConfig, rng_state, set_rng_state
+from segserve.training.config import TrainConfig
 from segserve.training.evaluate import evaluate, pairs_of
 from segserve.training.records import plot_confusion, plot_curves, write_metrics_csv
 
 
 class TrainingError(ValueError):
     """A training request that cannot go ahead as asked (the message says why and what to do)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; stored in every checkpoint and in config.json."""
-
-    data: str
-    out: str
-    layout: str | None = None
-    backbone: str = "resnet18"
-    variant: str = "8s"
-    weights: str | None = None
-    init: str | None = None
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    schedule: str = "poly"
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    class_weights: str = "none"
-    input_scale: float = 1.0
-    crop: tuple[int, int] | None = None
-    scale_range: tuple[float, float] = (0.75, 1.5)
-    flip: bool = True
-    jitter: float = 0.2
-    freeze_upsampling: bool = False
-    seed: int = 0
-    workers: int = 0
-    checkpoint_every: int = 0
-    val_every: int = 1
-    progress: bool = True
-    resume: bool = False
 
 
 class _Pairs(Dataset):
@@ -158,202 +120,230 @@ def _load_pairs(collection: Collection, progress: bool) -> list[tuple[np.ndarray
     return list(bar)
 
 
-def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
-    """Train as ``config`` says; returns the final history row and the best validation metrics."""
-    out = Path(config.out)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    resume_from: dict[str, Any] | None = None
-    if config.resume:
-        if not last_path.exists():
-            raise TrainingError(f"--resume: {last_path} does not exist; start without --resume")
-        resume_from = load_checkpoint(last_path)
-        _check_resumable(resume_from, config)
-    elif last_path.exists():
-        raise TrainingError(
-            f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class _Data:
+    """The decoded, checked splits of a run."""
 
+    train_set: Collection
+    val_set: Collection
+    train_pairs: list[tuple[np.ndarray, np.ndarray]]
+    val_pairs: list[tuple[np.ndarray, np.ndarray]]
+    statistics: LabelStatistics
+
+
+def _load_data(config: TrainConfig) -> _Data:
     train_set = open_collection(config.data, "train", config.layout)
     val_set = open_collection(config.data, "val", train_set.layout)
     if val_set.classes != train_set.classes:
         raise TrainingError("the train and val splits declare different classes")
-    classes = train_set.classes
     train_pairs = _load_pairs(train_set, config.progress)
     statistics = check_pairs(train_set, train_pairs)
     val_pairs = _load_pairs(val_set, config.progress)
     check_pairs(val_set, val_pairs)
     if len(train_pairs) < config.batch_size:
         raise TrainingError(f"{len(train_pairs)} training images are fewer than one batch of {config.batch_size}")
+    return _Data(train_set, val_set, train_pairs, val_pairs, statistics)
 
-    init_from = None if resume_from is not None or config.init is None else _load_init(config, classes.names)
-    if resume_from is not None:
-        model_config = resume_from["model_config"]
+
+def _previous_run(config: TrainConfig) -> Checkpoint | None:
+    """The checkpoint to resume from (``--resume``), after refusing to overwrite a run that was not asked to go on."""
+    out = Path(config.out)
+    last = out / "last.pt"
+    if not config.resume:
+        if last.exists():
+            raise TrainingError(
+                f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out"
+            )
+        return None
+    if not last.exists():
+        raise TrainingError(f"--resume: {last} does not exist; start without --resume")
+    checkpoint = Checkpoint.load(last)
+    _check_resumable(checkpoint, config)
+    return checkpoint
+
+
+def _new_model_config(config: TrainConfig, data: _Data, init_from: Checkpoint | None) -> ModelConfig:
+    classes = data.train_set.classes
+    if init_from is not None:  # the weights were trained on these statistics; keep them
+        mean, std = init_from.model_config.mean, init_from.model_config.std
     else:
-        if init_from is not None:  # the weights were trained on these statistics; keep them
-            mean, std = init_from["model_config"]["mean"], init_from["model_config"]["std"]
-        else:
-            mean, std = _normalisation(config, train_pairs)
-        model_config = {
-            "backbone": config.backbone,
-            "variant": config.variant,
-            "classes": list(classes.names),
-            "palette": [list(c) for c in classes.palette],
-            "ignore_index": IGNORE,
-            "mean": mean,
-            "std": std,
-            "input_scale": config.input_scale,
-            "freeze_upsampling": config.freeze_upsampling,
-            "training_data": f"{Path(config.data).name} ({train_set.layout}, {len(train_pairs)} train images)",
-        }
-    crop = config.crop or _default_crop(train_pairs, config.input_scale)
+        mean, std = _normalisation(config, data.train_pairs)
+    return ModelConfig(
+        backbone=config.backbone, variant=config.variant, classes=list(classes.names),
+        palette=[list(c) for c in classes.palette], ignore_index=IGNORE, mean=mean, std=std,
+        input_scale=config.input_scale, freeze_upsampling=config.freeze_upsampling,
+        training_data=f"{Path(config.data).name} ({data.train_set.layout}, {len(data.train_pairs)} train images)",
+    )  # fmt: skip
 
-    torch.manual_seed(config.seed)
-    weights: WeightsArg = None if resume_from is not None or init_from is not None else config.weights
-    fcn = build_fcn(
-        config.backbone, config.variant, len(classes.names), weights, freeze_upsampling=config.freeze_upsampling
-    )
-    pipeline = SegmentationPipeline(fcn, model_config["mean"], model_config["std"], config.input_scale)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if init_from is not None:
-        pipeline.load_state_dict(init_from["model"])
-    pipeline.to(device)
-    if device.type == "cuda":
-        pipeline.to(memory_format=torch.channels_last)
 
-    per_epoch = len(train_pairs) // config.batch_size
-    total_steps = per_epoch * config.epochs
-    optimizer = _optimizer(config, [p for p in pipeline.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.schedule, total_steps))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    class_weights = _class_weights(config.class_weights, statistics)
-    criterion = torch.nn.CrossEntropyLoss(
-        weight=None if class_weights is None else class_weights.to(device), ignore_index=IGNORE
-    )
+@dataclass
+class _Trainer:
+    """The model, its optimisation and the run's progress: what a checkpoint saves and restores."""
 
-    epoch, batch_start, step = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    best_miou = -1.0
-    if resume_from is not None:
-        pipeline.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
-        scaler.load_state_dict(resume_from["scaler"])
-        epoch, batch_start, step = resume_from["epoch"], resume_from["batch"], resume_from["step"]
-        history = list(resume_from["history"])
-        best_miou = float(resume_from["best_miou"])
-        set_rng_state(resume_from["rng"])
-    _write_config(out / "config.json", config, argv, model_config, resumed=resume_from is not None)
+    config: TrainConfig
+    model_config: ModelConfig
+    pipeline: SegmentationPipeline
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    per_epoch: int
+    epoch: int = 0
+    batch_start: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_miou: float = -1.0
 
-    augment_config = AugmentConfig(config.input_scale, config.scale_range, crop, config.flip, config.jitter)
-    dataset = _Pairs(train_pairs, augment_config, pipeline.mean.cpu().flatten(), config.seed)
-
-    def checkpoint(path: Path, epoch_done: int, batch_done: int) -> None:
-        save_checkpoint(
-            path,
-            {
-                "format": FORMAT,
-                "segserve_version": segserve.__version__,
-                "model_config": model_config,
-                "model": {k: v.detach().cpu() for k, v in pipeline.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch_done,
-                "batch": batch_done,
-                "step": step,
-                "rng": rng_state(),
-                "history": history,
-                "best_miou": best_miou,
-                "train_config": _jsonable(asdict(config)),
-            },
+    @classmethod
+    def build(cls, config: TrainConfig, model_config: ModelConfig, data: _Data,
+              start: Checkpoint | None) -> _Trainer:  # fmt: skip
+        """A new model (``start``: with that checkpoint's weights) and its optimizer, schedule and loss."""
+        torch.manual_seed(config.seed)
+        weights: WeightsArg = None if start is not None else config.weights
+        fcn = build_fcn(config.backbone, config.variant, len(model_config.classes), weights,
+                        freeze_upsampling=config.freeze_upsampling)  # fmt: skip
+        pipeline = SegmentationPipeline(fcn, model_config.mean, model_config.std, config.input_scale)
+        if start is not None:
+            pipeline.load_state_dict(start.model)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        pipeline.to(device)
+        if device.type == "cuda":
+            pipeline.to(memory_format=torch.channels_last)
+        per_epoch = len(data.train_pairs) // config.batch_size
+        optimizer = _optimizer(config, [p for p in pipeline.parameters() if p.requires_grad])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.schedule, per_epoch * config.epochs))
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        class_weights = _class_weights(config.class_weights, data.statistics)
+        criterion = torch.nn.CrossEntropyLoss(
+            weight=None if class_weights is None else class_weights.to(device), ignore_index=IGNORE
         )
+        return cls(config, model_config, pipeline, device, optimizer, scheduler, scaler, criterion, per_epoch)
 
-    final: dict[str, Any] = {}
-    while epoch < config.epochs:
-        pipeline.train()
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue exactly where ``checkpoint`` stopped (weights are already loaded by :meth:`build`)."""
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.scaler.load_state_dict(checkpoint.scaler)
+        self.epoch, self.batch_start, self.step = checkpoint.epoch, checkpoint.batch, checkpoint.step
+        self.history = list(checkpoint.history)
+        self.best_miou = float(checkpoint.best_miou)
+        set_rng_state(checkpoint.rng)
+
+    def save(self, path: Path, epoch_done: int, batch_done: int) -> None:
+        Checkpoint(
+            model_config=self.model_config,
+            model={k: v.detach().cpu() for k, v in self.pipeline.state_dict().items()},
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=epoch_done, batch=batch_done, step=self.step, rng=rng_state(),
+            history=self.history, best_miou=self.best_miou, train_config=_jsonable(asdict(self.config)),
+        ).save(path)  # fmt: skip
+
+    def train_epoch(self, dataset: Dataset, last_path: Path) -> tuple[list[float], float]:
+        """One epoch from ``batch_start`` on: (losses, seconds)."""
+        config = self.config
+        self.pipeline.train()
         # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG when created,
         # which a resumed run does mid-epoch, shifting every later dropout mask.
-        batches = _EpochBatches(len(train_pairs), config.batch_size, config.seed, epoch, batch_start)
-        loader = DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=config.workers,
-            generator=torch.Generator().manual_seed(config.seed),
-        )
+        batches = _EpochBatches(len(dataset), config.batch_size, config.seed, self.epoch, self.batch_start)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.workers,
+                            generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
         losses: list[float] = []
         started = time.perf_counter()
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="batch",
-            disable=not config.progress,
-            initial=batch_start,
-            total=per_epoch,
-            leave=False,
-        )
-        for batch_index, (images, masks) in enumerate(bar, start=batch_start):
-            images = images.to(device, non_blocking=True)
-            masks = masks.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                logits = pipeline.fcn(pipeline.normalise(images))
-                loss = criterion(logits.float(), masks)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            losses.append(loss.item())
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="batch", disable=not config.progress,
+                   initial=self.batch_start, total=self.per_epoch, leave=False)  # fmt: skip
+        for batch_index, (images, masks) in enumerate(bar, start=self.batch_start):
+            losses.append(self._step(images, masks))
             elapsed = time.perf_counter() - started
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", img_s=f"{len(losses) * config.batch_size / elapsed:.1f}")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_index + 1 < per_epoch:
-                checkpoint(last_path, epoch, batch_index + 1)
+            every = config.checkpoint_every
+            if every and self.step % every == 0 and batch_index + 1 < self.per_epoch:
+                self.save(last_path, self.epoch, batch_index + 1)
         bar.close()
-        seconds = time.perf_counter() - started
-        epoch += 1
-        batch_start = 0
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": round(seconds, 2),
-            "images_per_second": round(len(losses) * config.batch_size / seconds, 2) if seconds else None,
-        }
-        metrics: SegmentationMetrics | None = None
-        if epoch % config.val_every == 0 or epoch == config.epochs:
-            pipeline.eval()
-            metrics, confusion = evaluate(
-                pipeline_predictor(pipeline, device), val_set, val_pairs, progress=config.progress
-            )
-            row.update(
-                {
-                    k: getattr(metrics, k)
-                    for k in ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou")
-                }
-            )
-            model_config["validation"] = {"split": "val", "epoch": epoch, **metrics.to_dict()}
-        history.append(row)
-        if metrics is not None and metrics.mean_iou is not None and metrics.mean_iou > best_miou:
-            best_miou = metrics.mean_iou
-            checkpoint(best_path, epoch, 0)
-            plot_confusion(
-                out / "confusion.png",
-                confusion,
-                classes.names,
-                f"validation, epoch {epoch}: mIoU {100 * best_miou:.1f}",
-            )
-        checkpoint(last_path, epoch, 0)
-        write_metrics_csv(out / "metrics.csv", history)
-        plot_curves(out / "curves.png", history)
-        print(_epoch_line(row, config.epochs), flush=True)
-        final = row
+        return losses, time.perf_counter() - started
+
+    def _step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
+        cuda = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=True)
+        masks = masks.to(self.device, non_blocking=True)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda):
+            logits = self.pipeline.fcn(self.pipeline.normalise(images))
+            loss = self.criterion(logits.float(), masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return loss.item()
+
+    def validate(self, data: _Data, row: dict[str, Any]) -> tuple[SegmentationMetrics, np.ndarray]:
+        """Metrics on the val split, added to ``row`` and to the model's card."""
+        self.pipeline.eval()
+        predictor = pipeline_predictor(self.pipeline, self.device)
+        metrics, confusion = evaluate(predictor, data.val_set, data.val_pairs, progress=self.config.progress)
+        for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou"):
+            row[key] = getattr(metrics, key)
+        self.model_config.validation = {"split": "val", "epoch": self.epoch, **metrics.to_dict()}
+        return metrics, confusion
+
+
+def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Train as ``config`` says; returns the final history row and the best validation metrics."""
+    out = Path(config.out)
+    resume_from = _previous_run(config)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _load_data(config)
+    init_from = None if resume_from is not None or config.init is None else _load_init(config, data)
+    fresh = resume_from is None
+    model_config = _new_model_config(config, data, init_from) if fresh else resume_from.model_config
+    trainer = _Trainer.build(config, model_config, data, resume_from or init_from)
+    if resume_from is not None:
+        trainer.restore(resume_from)
+    _write_config(out / "config.json", config, argv, asdict(model_config), resumed=resume_from is not None)
+    crop = config.crop or _default_crop(data.train_pairs, config.input_scale)
+    augment_config = AugmentConfig(config.input_scale, config.scale_range, crop, config.flip, config.jitter)
+    dataset = _Pairs(data.train_pairs, augment_config, trainer.pipeline.mean.cpu().flatten(), config.seed)
+    final: dict[str, Any] = {}
+    metrics: SegmentationMetrics | None = None
+    while trainer.epoch < config.epochs:
+        final, metrics = _run_epoch(trainer, data, dataset, out)
     if final.get("mean_iou") is not None and final["epoch"] == config.epochs and metrics is not None:
         print(format_metrics(metrics))
-    return {"final": final, "best_miou": best_miou, "run_dir": str(out)}
+    return {"final": final, "best_miou": trainer.best_miou, "run_dir": str(out)}
+
+
+def _run_epoch(trainer: _Trainer, data: _Data, dataset: Dataset,
+               out: Path) -> tuple[dict[str, Any], SegmentationMetrics | None]:  # fmt: skip
+    """Train one epoch, validate when due, and write the checkpoints and records."""
+    config = trainer.config
+    losses, seconds = trainer.train_epoch(dataset, out / "last.pt")
+    trainer.epoch += 1
+    trainer.batch_start = 0
+    row: dict[str, Any] = {
+        "epoch": trainer.epoch,
+        "step": trainer.step,
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        "epoch_seconds": round(seconds, 2),
+        "images_per_second": round(len(losses) * config.batch_size / seconds, 2) if seconds else None,
+    }
+    metrics: SegmentationMetrics | None = None
+    if trainer.epoch % config.val_every == 0 or trainer.epoch == config.epochs:
+        metrics, confusion = trainer.validate(data, row)
+    trainer.history.append(row)
+    if metrics is not None and metrics.mean_iou is not None and metrics.mean_iou > trainer.best_miou:
+        trainer.best_miou = metrics.mean_iou
+        trainer.save(out / "best.pt", trainer.epoch, 0)
+        title = f"validation, epoch {trainer.epoch}: mIoU {100 * trainer.best_miou:.1f}"
+        plot_confusion(out / "confusion.png", confusion, data.train_set.classes.names, title)
+    trainer.save(out / "last.pt", trainer.epoch, 0)
+    write_metrics_csv(out / "metrics.csv", trainer.history)
+    plot_curves(out / "curves.png", trainer.history)
+    print(_epoch_line(row, config.epochs), flush=True)
+    return row, metrics
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
@@ -382,23 +372,25 @@ def _class_weights(kind: str, statistics: LabelStatistics) -> torch.Tensor | Non
     raise TrainingError(f"unknown class weighting {kind!r}; choose none, median-freq or sqrt-median-freq")
 
 
-def _load_init(config: TrainConfig, classes: tuple[str, ...]) -> dict[str, Any]:
+def _load_init(config: TrainConfig, data: _Data) -> Checkpoint:
     """A checkpoint to fine-tune from: same backbone, variant and classes; optimizer and schedule start afresh."""
     assert config.init is not None
     if config.weights not in (None, "none"):
         raise TrainingError("--init and --weights both initialise the model; pass one of them")
-    checkpoint = load_checkpoint(config.init)
-    saved = checkpoint["model_config"]
-    for key, wanted in (("backbone", config.backbone), ("variant", config.variant), ("classes", list(classes))):
-        if (list(saved[key]) if key == "classes" else saved[key]) != wanted:
-            raise TrainingError(f"--init {config.init}: it has {key}={saved[key]!r}, this run {wanted!r}")
-    if bool(saved.get("freeze_upsampling")) != config.freeze_upsampling:
+    checkpoint = Checkpoint.load(config.init)
+    saved = checkpoint.model_config
+    classes = list(data.train_set.classes.names)
+    for key, wanted in (("backbone", config.backbone), ("variant", config.variant), ("classes", classes)):
+        found = getattr(saved, key)
+        if (list(found) if key == "classes" else found) != wanted:
+            raise TrainingError(f"--init {config.init}: it has {key}={found!r}, this run {wanted!r}")
+    if bool(saved.freeze_upsampling) != config.freeze_upsampling:
         raise TrainingError(f"--init {config.init}: its freeze_upsampling differs from this run's")
     return checkpoint
 
 
-def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig) -> None:
-    saved = checkpoint["train_config"]
+def _check_resumable(checkpoint: Checkpoint, config: TrainConfig) -> None:
+    saved = checkpoint.train_config
     for key in ("backbone", "variant", "batch_size", "seed", "input_scale", "optimizer", "schedule"):
         if saved.get(key) != _jsonable(getattr(config, key)):
             raise TrainingError(

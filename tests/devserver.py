@@ -1,4 +1,6 @@
-"""A real ``bentoml serve`` of service.py on a free loopback port, for the tests and the benchmarks (no torch)."""
+"""A real ``bentoml serve`` of service.py on a free loopback port, for the tests and the benchmarks (no torch).
+
+A development helper, not part of the package: the benchmarks import it as ``tests.devserver``."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository: service.py is served from there
 SERVICE = "service:Segmentation"
 
 

@@ -9,6 +9,10 @@
   greyscale are scaled to 8 bits by their type's range. CMYK, YCbCr, LAB and HSV are converted by Pillow.
 * Everything else a client can get wrong (empty body, not an image, truncated file, bad array) raises
   :class:`ImageError` with a message that names the problem and never a server path.
+
+This is the one decoder: training data, int8 calibration, ``segserve evaluate``, the batch command and the
+service all see the same pixels for the same file. :data:`IMAGE_SUFFIXES` is the one list of file names taken
+for images when a folder is scanned. numpy and Pillow only (no onnxruntime, no torch).
 """
 
 from __future__ import annotations
@@ -16,16 +20,27 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-#: Default pixel limit (width x height); override per call or with ``SEGSERVE_MAX_PIXELS``.
-DEFAULT_MAX_PIXELS = 150_000_000
-MAX_PIXELS_ENV = "SEGSERVE_MAX_PIXELS"
 ORIENTATION = 0x0112  # the EXIF orientation tag
+#: EXIF orientation -> the transpose that shows the image upright (as ``ImageOps.exif_transpose``).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+#: File name suffixes taken for images when a folder is scanned (batch inputs, datasets, calibration).
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+    | {".tga", ".jp2", ".ico", ".dib"}
+)
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | Image.Image | np.ndarray
 
@@ -38,28 +53,39 @@ class ImageTooLarge(ImageError):
     """An image whose declared size exceeds the pixel limit (refused before decoding)."""
 
 
-def max_pixels_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """The pixel limit set by ``SEGSERVE_MAX_PIXELS`` in ``environ`` (default: the process environment)."""
-    value = (os.environ if environ is None else environ).get(MAX_PIXELS_ENV)
-    if not value:
-        return DEFAULT_MAX_PIXELS
+def is_image_name(path: Path) -> bool:
+    """Whether a file name has one of :data:`IMAGE_SUFFIXES` (any case)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) an image declares; 1 (upright) when absent or unreadable."""
     try:
-        limit = int(value)
-    except ValueError:
-        raise ValueError(f"{MAX_PIXELS_ENV} must be a positive integer, got {value!r}") from None
-    if limit < 1:
-        raise ValueError(f"{MAX_PIXELS_ENV} must be a positive integer, got {value!r}")
-    return limit
+        value = image.getexif().get(ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block should not cost the image
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def orient(image: Image.Image, value: int) -> Image.Image:
+    """``image`` turned as EXIF orientation ``value`` asks (no copy when upright): also used for a mask, which
+    follows its photograph's orientation so that labels stay on their pixels."""
+    method = _UPRIGHT.get(value)
+    return image if method is None else image.transpose(method)
 
 
 def read_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray:
     """``source`` (encoded bytes, a path, a PIL image or an array) as an H x W x 3 uint8 RGB array."""
-    limit = max_pixels if max_pixels is not None else max_pixels_from_env()
+    if max_pixels is None:
+        from segserve.settings import Settings
+
+        max_pixels = Settings.from_env().max_pixels
+    limit = max_pixels
     if isinstance(source, np.ndarray):
         return _from_array(source, limit)
     if isinstance(source, Image.Image):
         _check_size(source.width, source.height, limit)
-        return _to_rgb(ImageOps.exif_transpose(source) or source)
+        return _to_rgb(orient(source, orientation(source)))
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError("empty image: the upload has no bytes")
@@ -90,12 +116,7 @@ def read_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             message = "truncated or corrupt image data" if "truncated" in str(error) else str(error)
             raise ImageError(f"{name} cannot be decoded: {message}") from None
-        try:  # transpose only when the tag asks for it: exif_transpose copies even an upright image
-            needs_turn = image.getexif().get(ORIENTATION, 1) in range(2, 9)
-            oriented = ImageOps.exif_transpose(image) if needs_turn else image
-        except Exception:  # a malformed EXIF block should not cost the image
-            oriented = image
-        return _to_rgb(oriented or image)
+        return _to_rgb(orient(image, orientation(image)))
 
 
 def _check_size(width: int, height: int, limit: int) -> None:
