@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from segserve import __version__
@@ -256,43 +256,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(commands: Commands, run: Callable[[argparse.Namespace], int], help: str,
+             description: str | None = None) -> argparse.ArgumentParser:  # fmt: skip
+    """The subcommand ``run`` answers to, named after it (``cmd_train`` -> ``train``)."""
+    name = run.__name__.removeprefix("cmd_")
+    parser = commands.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+    parser.set_defaults(run=run)
+    return parser
+
+
 def _add_backbones(commands: Commands) -> None:
-    backbones = commands.add_parser("backbones", help="list the registered backbones and their feature taps")
+    backbones = _command(commands, cmd_backbones, "list the registered backbones and their feature taps")
     backbones.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    backbones.set_defaults(run=cmd_backbones)
 
 
 def _add_summary(commands: Commands) -> None:
-    summary = commands.add_parser(
-        "summary",
-        help="per-layer parameter counts and output shapes",
-        description="Without --fcn: the torchvision classifier and its convolutionalized twin side by side "
-        "(equal totals). With --fcn: the FCN on that backbone.",
+    about = (
+        "Without --fcn: the classifier and its convolutionalized twin side by side (equal totals). With --fcn: the FCN."
     )
+    summary = _command(commands, cmd_summary, "per-layer parameter counts and output shapes", about)
     summary.add_argument("backbone", help="registered backbone name (see `segserve backbones`)")
     summary.add_argument("--fcn", choices=["32s", "16s", "8s"], help="summarize FCN-32s/16s/8s instead")
     summary.add_argument("--classes", type=positive_int, default=21, help="FCN classes (default: 21)")
     summary.add_argument("--input", type=input_size, default=(224, 224), metavar="HxW",
                          help="input size (default: 224x224)")  # fmt: skip
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    summary.set_defaults(run=cmd_summary)
 
 
 def _add_train(commands: Commands) -> None:
     from segserve.training.config import TrainConfig
 
-    train = commands.add_parser(
-        "train",
-        help="train an FCN on a labelled image folder",
-        description="Train an FCN; RUN_DIR receives last.pt, best.pt, metrics.csv, "
-        "curves.png, confusion.png and config.json.",
-    )
-    add_options(train, TrainConfig)
-    train.set_defaults(run=cmd_train)
+    about = "Train an FCN; RUN_DIR receives last.pt, best.pt, metrics.csv, curves.png, confusion.png, config.json."
+    add_options(_command(commands, cmd_train, "train an FCN on a labelled image folder", about), TrainConfig)
 
 
 def _add_evaluate(commands: Commands) -> None:
-    evaluate = commands.add_parser("evaluate", help="FCN metrics of a model on a labelled split")
+    evaluate = _command(commands, cmd_evaluate, "FCN metrics of a model on a labelled split")
     evaluate.add_argument("model", help="a checkpoint (.pt) or an exported model (.onnx)")
     evaluate.add_argument("--data", required=True, help="dataset folder")
     evaluate.add_argument("--split", default="val")
@@ -300,16 +299,11 @@ def _add_evaluate(commands: Commands) -> None:
     evaluate.add_argument("--batch-size", type=positive_int, default=4)
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(run=cmd_evaluate)
 
 
 def _add_export(commands: Commands) -> None:
-    export = commands.add_parser(
-        "export",
-        help="export a checkpoint or a convolutionalized classifier to ONNX",
-        description="Write an .onnx file with dynamic batch/height/width and segserve "
-        "metadata. Input: uint8 N x H x W x 3 RGB; outputs: logits, labels.",
-    )
+    about = "Write an .onnx file with dynamic batch/height/width and segserve metadata. Input: uint8 N x H x W x 3 RGB."
+    export = _command(commands, cmd_export, "export a checkpoint or a convolutionalized classifier to ONNX", about)
     export.add_argument("checkpoint", nargs="?", help="training checkpoint (.pt)")
     export.add_argument("--classifier", metavar="BACKBONE", help="export this torchvision classifier as a heatmap net")
     export.add_argument("--weights", default=None, help="with --classifier: none, imagenet or a state_dict PATH")
@@ -333,18 +327,16 @@ def _add_export(commands: Commands) -> None:
     )
     export.add_argument("--calibrate", metavar="DIR", help="--int8: folder of calibration images (e.g. train/)")
     export.add_argument("--calibration-count", type=positive_int, default=48, help="--int8: images used (48)")
-    export.set_defaults(run=cmd_export)  # fmt: skip
 
 
 def _add_segment(commands: Commands) -> None:
-    segment = commands.add_parser(
-        "segment",
-        help="batch-segment images (files, folders, globs) into a folder",
-        description="Segment every input with an exported model. Outputs mirror the inputs' relative paths under "
-        "OUT_DIR: NAME.labels.png (palette PNG of class indices), NAME.overlay.png|jpg, NAME.heatmaps.npz (float16 "
-        "per class) or NAME.heatmaps/ (8-bit PNGs), NAME.json (summary). Each file appears complete or not at all. "
-        "Exit status 1 if any input failed (all are listed), 2 for a bad request.",
+    about = (
+        "Segment every input with an exported model. Outputs mirror the inputs' relative paths under OUT_DIR: "
+        "NAME.labels.png (palette PNG of class indices), NAME.overlay.png|jpg, NAME.heatmaps.npz (float16 per class) "
+        "or NAME.heatmaps/ (8-bit PNGs), NAME.json (summary). Each file appears complete or not at all. "
+        "Exit status 1 if any input failed (all are listed), 2 for a bad request."
     )
+    segment = _command(commands, cmd_segment, "batch-segment images (files, folders, globs) into a folder", about)
     add = segment.add_argument
     add("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
     add("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
@@ -363,15 +355,11 @@ def _add_segment(commands: Commands) -> None:
     add("--providers", help="comma list of onnxruntime providers (default: $SEGSERVE_PROVIDERS or best available)")
     add("--resume", action="store_true", help="skip inputs whose outputs all exist")
     add("--no-progress", action="store_true", help="no progress bar")
-    segment.set_defaults(run=cmd_segment)
 
 
 def _add_info(commands: Commands) -> None:
-    info = commands.add_parser(
-        "info", help="an exported model's metadata, the providers it would run on, and the effective settings"
-    )
+    info = _command(commands, cmd_info, "an exported model's metadata, the providers it would run on, and the settings")
     info.add_argument("model", nargs="?", help="an .onnx file written by segserve export (default: the default model)")
-    info.set_defaults(run=cmd_info)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC_CLASSES, synthetic_pair
+from conftest import SYNTHETIC_CLASSES, synthetic_pair, write_dataset
 from PIL import Image
 
 from segserve.datasets import (
@@ -18,8 +18,11 @@ from segserve.datasets import (
     detect_layout,
     load_image,
     load_mask,
+    load_pair,
     open_collection,
 )
+from segserve.images import read_image
+from segserve.training.evaluate import pairs_of
 
 
 @pytest.mark.parametrize("layout", ["camvid", "voc", "folder"])
@@ -114,3 +117,25 @@ def test_median_frequency_weights_favour_rare_classes(dataset_factory) -> None:
     weights = stats.median_frequency_weights()
     assert weights[0] < 1 < weights[2]  # background is common, the stripe rare
     assert np.median(weights) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotated_pair_stays_aligned(tmp_path: Path, orientation: int) -> None:
+    """The image is decoded upright (as the runtime decodes it); its mask, drawn on the stored pixels, turns with it."""
+    root = write_dataset(tmp_path / "data", "folder", train=2, val=1)
+    stored, labels = synthetic_pair(0)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    target = root / "train" / "images" / "train_000.png"
+    image.save(target, exif=exif.tobytes())
+    Image.fromarray(labels).save(root / "train" / "masks" / "train_000.png")
+    collection = open_collection(root, "train")
+    pixels, mask = load_pair(collection.samples[0], collection.classes)
+    assert np.array_equal(pixels, read_image(target))  # the very pixels serving sees
+    assert pixels.shape[:2] == mask.shape == ((64, 48) if orientation in (6, 8) else (48, 64))
+    for cls, colour in ((1, (220, 40, 40)), (2, (40, 40, 220))):
+        assert (pixels[mask == cls] == colour).all()
+    upright = {3: lambda a: a[::-1, ::-1], 6: lambda a: np.rot90(a, -1), 8: lambda a: np.rot90(a, 1)}[orientation]
+    assert np.array_equal(pixels, upright(stored)) and np.array_equal(mask, upright(labels))
+    check_pairs(collection, list(pairs_of(collection)))  # sizes agree, labels valid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -65,3 +66,28 @@ def test_readme_main_job_serves_the_service_the_tests_start() -> None:
     from devserver import SERVICE  # what tests/test_service.py and the benchmarks start
 
     assert command.endswith(f".venv/bin/bentoml serve {SERVICE}")
+
+
+def _package_modules() -> dict[str, ast.Module]:
+    return {str(p.relative_to(ROOT)): ast.parse(p.read_text()) for p in sorted((ROOT / "segserve").rglob("*.py"))}
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines() -> None:
+    long = [
+        f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for name, tree in _package_modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert long == []
+
+
+def test_only_the_cli_imports_the_batch_command() -> None:
+    importers = set()
+    for name, tree in _package_modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "segserve.batch":
+                importers.add(name)
+            if isinstance(node, ast.Import) and any(alias.name == "segserve.batch" for alias in node.names):
+                importers.add(name)
+    assert importers == {"segserve/cli.py"}
