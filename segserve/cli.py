@@ -351,7 +351,7 @@ def _add_segment(commands: Commands) -> None:
     add("--threads", type=positive_int, help="onnxruntime intra-op threads (default: $SEGSERVE_THREADS or all cores)")
     add("--tile", type=positive_int, default=1024, help="tile side for large images (px)")
     add("--overlap", type=int, default=256, help="tile overlap (px, default 256)")
-    add("--max-pixels", type=positive_int, help="refuse larger images (default: $SEGSERVE_MAX_PIXELS, 150M)")
+    add("--max-pixels", type=positive_int, help="refuse larger images (default: $SEGSERVE_MAX_PIXELS)")
     add("--providers", help="comma list of onnxruntime providers (default: $SEGSERVE_PROVIDERS or best available)")
     add("--resume", action="store_true", help="skip inputs whose outputs all exist")
     add("--no-progress", action="store_true", help="no progress bar")

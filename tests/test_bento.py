@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +24,9 @@ def test_bento_builds_with_the_default_model_and_no_torch(tmp_path: Path) -> Non
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "segserve").iterdir() if p.is_dir()]
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements
+    base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name in {re.split(r"[<>=;\[ ]", dependency)[0].lower() for dependency in base} - {"bentoml"}:
+        assert name in requirements, f"the bento lacks {name}, a dependency of the serving side"
     assert not any(name in requirements for name in ("torch", "torchvision", "onnxscript", "matplotlib"))
 
     files = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}

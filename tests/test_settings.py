@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from segserve.hardware import gpu_present
@@ -26,3 +31,21 @@ def test_settings_read_the_given_environment_only(monkeypatch) -> None:
 def test_bad_values_are_named(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"{name} must be a positive integer, got '{value}'"):
         Settings.from_env({name: value})
+
+
+def test_every_variable_is_documented_once_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for variable in Settings.variables().values():
+        assert readme.count(f"| `{variable}` |") == 1, variable
+
+
+def test_info_prints_the_effective_settings(segserve_command: list[str], small_model) -> None:
+    path, _ = small_model
+    env = {**os.environ, "SEGSERVE_MAX_PIXELS": "12345"}
+    result = subprocess.run(
+        [*segserve_command, "info", str(path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    settings = {entry["variable"]: entry["value"] for entry in json.loads(result.stdout)["settings"]}
+    assert settings["SEGSERVE_MAX_PIXELS"] == 12345 and settings["SEGSERVE_TIMEOUT"] == 120
+    assert set(settings) == set(Settings.variables().values())

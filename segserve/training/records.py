@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from segserve.files import publish
 
 COLUMNS = (
     "epoch",
@@ -24,24 +25,11 @@ COLUMNS = (
 )
 
 
-def _replace(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_metrics_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
-    def write(target: Path) -> None:
-        with open(target, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(history)
-
-    _replace(path, write)
+    with publish(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
 
 
 def _pyplot():
@@ -67,7 +55,8 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> None:
     metric_axis.legend()
     metric_axis.grid(alpha=0.3)
     figure.tight_layout()
-    _replace(path, lambda target: figure.savefig(target, dpi=110, format="png"))
+    with publish(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
 
 
@@ -91,5 +80,6 @@ def plot_confusion(path: Path, confusion: np.ndarray, class_names: Sequence[str]
                     axis.text(j, i, f"{100 * normalised[i, j]:.0f}", ha="center", va="center", fontsize=7, color=colour)
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
-    _replace(path, lambda target: figure.savefig(target, dpi=110, format="png"))
+    with publish(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
