@@ -9,11 +9,12 @@ raises ``ValueError`` naming the variable: ``SEGSERVE_TIMEOUT must be a positive
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, PositiveInt, ValidationError
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from segserve.hardware import gpu_present
@@ -56,8 +57,19 @@ class Settings(BaseSettings):
         default_factory=_slots_default, description="model calls at a time (default: 1 on CPU, 2 with a GPU)"
     )
     threads: PositiveInt | None = Field(None, description="onnxruntime intra-op threads (default: all cores)")
-    timeout: PositiveInt = Field(120, description="seconds a request may take")
-    max_concurrency: PositiveInt = Field(64, description="requests in flight before the server answers 503")
+    timeout: PositiveInt = Field(120, description="seconds a request may take, upload included (then 504)")
+    max_concurrency: PositiveInt = Field(
+        64, description="requests being processed (uploads complete) before the server answers 503 with Retry-After"
+    )
+    body_timeout: PositiveFloat = Field(
+        30.0, description="seconds a client has to send its whole request body (then 408); stalled uploads hold no slot"
+    )
+    max_body_bytes: PositiveInt = Field(256_000_000, description="largest request body accepted (larger: 413)")
+    max_uploads: PositiveInt = Field(512, description="request bodies being received at once (more: 503)")
+    api_key: SecretStr | None = Field(
+        None, description="when set, every endpoint but the open paths requires `Authorization: Bearer <key>`"
+    )
+    open_paths: str = Field("/livez,/readyz,/metrics", description="comma list of paths that need no API key")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -79,6 +91,10 @@ class Settings(BaseSettings):
     def provider_list(self) -> tuple[str, ...] | None:
         return comma_list(self.providers) or None
 
+    @property
+    def open_path_set(self) -> frozenset[str]:
+        return frozenset(comma_list(self.open_paths))
+
     def described(self) -> list[dict[str, Any]]:
         """Each variable with its effective value and what it does (``segserve info``, README)."""
         return [
@@ -99,6 +115,8 @@ class _GivenOnly(Settings):
 
 
 def _plain(value: object) -> object:
+    if isinstance(value, SecretStr):
+        return "(set)"  # never printed
     return str(value) if isinstance(value, os.PathLike) else value
 
 
@@ -106,5 +124,17 @@ def _explain(error: ValidationError) -> str:
     """The first problem as ``SEGSERVE_NAME must be ..., got 'value'`` (no pydantic URL)."""
     first = error.errors()[0]
     name = str(first["loc"][0]) if first["loc"] else "?"
-    expected = "a positive integer" if "int" in first["type"] or "greater" in first["type"] else "valid"
+    field = Settings.model_fields.get(name)
+    types = _leaf_types(field.annotation) if field is not None else set()
+    expected = "a positive number" if float in types else "a positive integer" if int in types else "valid"
     return f"{PREFIX}{name.upper()} must be {expected}, got {first.get('input')!r}"
+
+
+def _leaf_types(hint: object) -> set[object]:
+    """``int | None``, ``Annotated[int, ...]`` -> {int, NoneType}."""
+    arguments = typing.get_args(hint)
+    if not arguments:
+        return {hint}
+    if typing.get_origin(hint) is typing.Annotated:
+        return _leaf_types(arguments[0])
+    return set().union(*(_leaf_types(argument) for argument in arguments))
