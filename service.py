@@ -1,15 +1,17 @@
 """segserve's HTTP service (BentoML): any image in, label maps, overlays, heatmaps and summaries out.
 
 Start it with ``bentoml serve`` in this folder (the README's main-job command). Images arrive as a multipart form
-field ``image`` (raw bytes, whatever content type the client declares: the bytes decide); other parameters are
-form fields of the same request. Binary answers are returned as bytes with their content type; client errors as
-JSON ``{"error": ...}`` with HTTP 400 (bad image, bad parameter) or 413 (image over the pixel limit, refused
-before decoding). The work itself lives in ``segserve.serving``; settings come from the environment variables
-of ``segserve.settings.Settings`` (README: "Serving"), read once at start-up.
+field ``image`` (raw bytes, whatever content type the client declares: the bytes decide) with the other parameters
+as form fields, or as the whole request body with the parameters in the query string. Every request first passes
+:class:`segserve.gateway.Gateway` (API key, body limits, one canonical form, admission, JSON errors), so the
+endpoints below only see well-formed input. Binary answers are returned as bytes with their content type; client
+errors as JSON ``{"error": ...}`` with a 4xx status. The work itself lives in ``segserve.serving``; settings come
+from the environment variables of ``segserve.settings.Settings`` (README: "Serving"), read once at start-up.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,10 +24,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from segserve.gateway import Gateway
 from segserve.serving import Answer, ClientError, SegmentationHandlers
 from segserve.settings import Settings
 
 SETTINGS = Settings.from_env()
+# One INFO line per client error (segserve.http); python-multipart's own warnings about broken forms would only
+# repeat it.
+logging.getLogger("segserve").setLevel(logging.INFO)
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 async def metadata(request: Request) -> JSONResponse:
@@ -42,7 +49,7 @@ ImageField = Annotated[Path, Field(description="the image: PNG, JPEG, WebP, GIF,
 @bentoml.service(
     name="segserve",
     workers=1,  # one process holds the model; requests are threads inside it (see segserve.serving)
-    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
+    traffic={"timeout": SETTINGS.timeout},  # admission (max_concurrency) is the gateway's, after the upload
 )
 class Segmentation:
     """Semantic segmentation with an exported segserve model through onnxruntime (GPU when present)."""
@@ -96,3 +103,6 @@ class Segmentation:
 def _read(image: Path) -> bytes:
     """The upload's bytes (decoding from bytes keeps the server's temporary path out of error messages)."""
     return image.read_bytes()
+
+
+Segmentation.add_asgi_middleware(Gateway, settings=SETTINGS)

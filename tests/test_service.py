@@ -128,8 +128,8 @@ def test_metadata_matches_the_onnx_file(server: Server, runtime: Segmenter) -> N
         ("segment", png_bomb(50_000, 50_000), {}, 413, "too large"),
         ("heatmaps", "good", {"classes": "road,unicorn"}, 400, "unknown class(es) unicorn"),
         ("overlay", "good", {"alpha": "2"}, 400, "alpha must be between 0 and 1"),
-        ("overlay", "good", {"alpha": "half"}, 400, "validation error"),
-        ("overlay", "good", {"format": "gif"}, 400, "validation error"),
+        ("overlay", "good", {"alpha": "half"}, 400, "alpha must be a number between 0 and 1"),
+        ("overlay", "good", {"format": "gif"}, 400, "overlay format must be png or jpeg"),
     ],
     ids=["empty", "not-image", "truncated", "bomb", "unknown-class", "alpha-range", "alpha-type", "format"],
 )
