@@ -13,7 +13,18 @@ from pathlib import Path
 from benchmarks.common import Section, machine
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTIONS = ("runtime", "peers", "limit", "quantization", "tuning", "gpu", "batch", "memory", "service")
+SECTIONS = (
+    "runtime",
+    "peers",
+    "limit",
+    "quantization",
+    "tuning",
+    "gpu",
+    "batch",
+    "memory",
+    "service",
+    "service-memory",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +111,8 @@ def run_section(name: str, scratch: Path, quick: bool, threads: int, context: di
         return [serving.large_image_memory(scratch)]
     if name == "service":
         return [serving.service_vs_runtime(scratch, quick)]
+    if name == "service-memory":
+        return [serving.service_memory(scratch, quick)]
     raise ValueError(name)
 
 

@@ -153,3 +153,61 @@ def service_vs_runtime(scratch: Path, quick: bool) -> Section:
         "over alternating rounds."
     )
     return section
+
+
+def service_memory(scratch: Path, quick: bool) -> Section:
+    """The server's resident memory under a long mix of good and hostile requests (issue: flat from 1,000 on)."""
+    import random
+
+    import httpx
+    import psutil
+
+    from tests.devserver import running_service
+    from tests.test_hostile import hostile_request
+
+    env = {**os.environ, "BENTOML_HOME": str(scratch / "bentoml-memory"), "BENTOML_DO_NOT_TRACK": "true"}
+    log = scratch / "serve-memory.log"
+    checkpoints = (200, 1000, 3000) if not quick else (200, 600, 1200)
+    frames = [road_images(1, size)[0] for size in ((360, 480), (240, 320), (97, 151), (512, 512))]
+    bodies = []
+    for pixels in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        bodies.append(buffer.getvalue())
+    rng = random.Random(7)
+    good = [("/segment", {}), ("/overlay", {"alpha": "0.4", "format": "jpeg"}), ("/heatmaps", {"format": "npz"}),
+            ("/analyze", {})]  # fmt: skip
+    rows = []
+    with running_service(env, log) as (url, process), httpx.Client(base_url=url, timeout=60) as client:
+
+        def rss() -> float:
+            root = psutil.Process(process.pid)
+            return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running()) / 1e6
+
+        done, statuses = 0, {}
+        for target in checkpoints:
+            while done < target:
+                if done % 2 == 0:
+                    path, fields = good[done // 2 % len(good)]
+                    body = bodies[done // 2 % len(bodies)]
+                    answer = client.post(path, params=fields, content=body, headers={"content-type": "image/png"})
+                else:
+                    try:
+                        answer = client.request(**hostile_request(rng))
+                    except httpx.HTTPError:
+                        done += 1
+                        continue
+                statuses[answer.status_code // 100] = statuses.get(answer.status_code // 100, 0) + 1
+                done += 1
+            rows.append([target, rss(), log.read_text().count("Traceback")])
+    section = Section("Service memory under mixed good and hostile traffic (shipped model)",
+                      ["requests", "server RSS (MB)", "tracebacks in the log"])  # fmt: skip
+    section.rows = rows
+    growth = rows[-1][1] / rows[-2][1] - 1
+    section.notes.append(
+        f"Half the requests are good (four endpoints, four sizes up to 512x512, raw-body PNG), half come from the "
+        f"hostile-request generator of tests/test_hostile.py. Status classes seen: {dict(sorted(statuses.items()))} "
+        f"(x100). RSS of the server's process tree; growth from {rows[-2][0]} to {rows[-1][0]} requests: "
+        f"{100 * growth:+.1f}% (target: within 5%)."
+    )
+    return section
