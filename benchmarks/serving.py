@@ -163,7 +163,7 @@ def service_memory(scratch: Path, quick: bool) -> Section:
     import psutil
 
     from tests.devserver import running_service
-    from tests.test_hostile import hostile_request
+    from tests.hostile import hostile_request
 
     env = {**os.environ, "BENTOML_HOME": str(scratch / "bentoml-memory"), "BENTOML_DO_NOT_TRACK": "true"}
     log = scratch / "serve-memory.log"
@@ -206,7 +206,7 @@ def service_memory(scratch: Path, quick: bool) -> Section:
     growth = rows[-1][1] / rows[-2][1] - 1
     section.notes.append(
         f"Half the requests are good (four endpoints, four sizes up to 512x512, raw-body PNG), half come from the "
-        f"hostile-request generator of tests/test_hostile.py. Status classes seen: {dict(sorted(statuses.items()))} "
+        f"hostile-request generator of tests/hostile.py. Status classes seen: {dict(sorted(statuses.items()))} "
         f"(x100). RSS of the server's process tree; growth from {rows[-2][0]} to {rows[-1][0]} requests: "
         f"{100 * growth:+.1f}% (target: within 5%)."
     )

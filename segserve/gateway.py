@@ -181,9 +181,10 @@ class Gateway:
         """The whole body within the time and size limits."""
         limit, deadline = self.settings.max_body_bytes, asyncio.get_running_loop().time() + self.settings.body_timeout
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the limit of {limit:,} bytes"
-                          if declared.isdigit() else "malformed Content-Length")  # fmt: skip
+        if declared is not None and not declared.isdigit():
+            raise Refusal(HTTPStatus.BAD_REQUEST, "malformed Content-Length")
+        if declared is not None and int(declared) > limit:
+            raise Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over the limit of {limit:,} bytes")
         chunks, size = [], 0
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
