@@ -17,8 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.common import Section, road_images
-from segserve.runtime.segmenter import session_options
-from segserve.runtime.session import provider_settings
+from segserve.runtime.session import provider_settings, session_options
 
 #: (label, precision of the file, providers, extra TensorRT options)
 Config = tuple[str, str, list[str], dict[str, str]]

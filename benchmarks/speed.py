@@ -10,8 +10,7 @@ import onnxruntime as ort
 
 from benchmarks.common import Section, alternate, default_model, road_images
 from benchmarks.flops import onnx_flops, onnx_parameters
-from segserve.runtime.segmenter import session_options
-from segserve.runtime.session import load_model
+from segserve.runtime.session import load_model, session_options
 
 
 def our_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
@@ -248,7 +247,7 @@ def session_tuning(quick: bool, threads: int) -> Section:
         ["IO binding (CPU input, output bound)", 1000 * io["io"], f"{io['io'] / io['run']:.2f}x", "", ""]
     )
     section.notes.append(
-        "Kept as defaults (segserve/runtime/segmenter.py `session_options`): full graph optimisation, memory "
+        "Kept as defaults (segserve/runtime/session.py `session_options`): full graph optimisation, memory "
         "patterns off (they are planned for one input shape and re-planned on every new size), the CPU arena "
         "on, all cores, and idle pool threads that sleep rather than spin (spinning costs nothing alone but takes "
         "the cores from decoding/encoding threads and from other sessions: run side by side here, every other "

@@ -180,19 +180,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print an exported model's metadata, the providers it would run on and the effective settings (no torch)."""
-    from segserve.runtime import ModelFileError, default_model_path, load_model
+    """Print an exported model's metadata, the engine it would run on and why, and the effective settings."""
+    from segserve.runtime import ModelFileError, Segmenter
     from segserve.settings import Settings
 
     try:
         settings = Settings.from_env()
-        loaded = load_model(args.model or default_model_path(settings), settings.provider_list,
-                            trt_cache=settings.trt_cache)  # fmt: skip
+        segmenter = Segmenter(args.model, settings=settings)
     except (ModelFileError, ValueError) as error:
         raise UsageError(str(error)) from error
-    card = json.loads(loaded.metadata.to_json())
-    card["file"] = str(loaded.path)
-    card["providers"] = loaded.providers
+    card = json.loads(segmenter.metadata.to_json())
+    card["file"] = str(segmenter.model_path)
+    card["providers"] = segmenter.providers
+    card["engine"] = segmenter.describe_engine()
     card["settings"] = settings.described()
     print(json.dumps(card, indent=2))
     return 0
@@ -213,7 +213,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"segserve: {source}: {reason}", file=sys.stderr)
     try:
         segmenter = Segmenter(args.model, list(comma_list(args.providers)) or None, tile=args.tile,
-                              overlap=args.overlap, max_pixels=args.max_pixels, threads=args.threads)  # fmt: skip
+                              overlap=args.overlap, max_pixels=args.max_pixels, threads=args.threads,
+                              engine=args.engine, precision=args.precision)  # fmt: skip
     except (ModelFileError, ValueError) as error:
         raise UsageError(str(error)) from error
     if not jobs and not missing:
@@ -352,7 +353,14 @@ def _add_segment(commands: Commands) -> None:
     add("--tile", type=positive_int, default=1024, help="tile side for large images (px)")
     add("--overlap", type=int, default=256, help="tile overlap (px, default 256)")
     add("--max-pixels", type=positive_int, help="refuse larger images (default: $SEGSERVE_MAX_PIXELS)")
-    add("--providers", help="comma list of onnxruntime providers (default: $SEGSERVE_PROVIDERS or best available)")
+    add("--providers", help="comma list of onnxruntime providers: onnxruntime on the model as given")
+    add(
+        "--engine",
+        choices=["auto", "onnxruntime", "openvino"],
+        help="inference engine (default: $SEGSERVE_ENGINE, auto)",
+    )
+    add("--precision", choices=["auto", "fp32", "int8", "bf16", "fp16"],
+        help="inference precision (default: $SEGSERVE_PRECISION, auto: the fastest that keeps the labels)")  # fmt: skip
     add("--resume", action="store_true", help="skip inputs whose outputs all exist")
     add("--no-progress", action="store_true", help="no progress bar")
 

@@ -89,7 +89,7 @@ class SegmentationHandlers:
 
     def analyze(self, data: bytes) -> dict:
         _, result = self._segment(data, probabilities=True)
-        return summary_record(result, self.segmenter.metadata)
+        return {**summary_record(result, self.segmenter.metadata), "engine": self.segmenter.choice.candidate.label}
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -98,6 +98,7 @@ class SegmentationHandlers:
     def metadata(self) -> dict:
         card = json.loads(self.segmenter.metadata.to_json())
         card["providers"] = self.segmenter.providers
+        card["engine"] = self.segmenter.describe_engine()
         card["segserve_version"] = segserve.__version__
         card["service"] = {"max_pixels": self.settings.max_pixels, "inference_slots": self.settings.inference_slots}
         return card

@@ -12,7 +12,7 @@ import os
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -29,6 +29,10 @@ def comma_list(text: str | None) -> tuple[str, ...]:
 
 def _trt_cache_default() -> Path:
     return Path.home() / ".cache" / "segserve" / "tensorrt"
+
+
+def _cache_default() -> Path:
+    return Path.home() / ".cache" / "segserve"
 
 
 def _slots_default() -> int:
@@ -49,6 +53,16 @@ class Settings(BaseSettings):
     trt_cache: Path = Field(
         default_factory=_trt_cache_default,
         description="folder for TensorRT engines and timings (default ~/.cache/segserve/tensorrt)",
+    )
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto", description="inference engine (auto: the fastest here, measured at start-up and cached)"
+    )
+    precision: Literal["auto", "fp32", "int8", "bf16", "fp16"] = Field(
+        "auto", description="inference precision (auto: the fastest of those that keep the labels)"
+    )
+    cache_dir: Path | None = Field(
+        default_factory=_cache_default,
+        description="where the measured engine choice is kept (default ~/.cache/segserve)",
     )
     max_pixels: PositiveInt = Field(
         150_000_000, description="largest image accepted, width x height (larger: refused from its header, HTTP 413)"

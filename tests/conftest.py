@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every Segmenter, CLI call and server of the suite runs onnxruntime's CPU provider on the file it is given, so
+    answers compare exactly with PyTorch and across processes; tests/test_engines.py lifts this to test the
+    automatic engine choice. Measured choices are cached in a folder of this run, not the user's."""
+    os.environ.setdefault("SEGSERVE_PROVIDERS", "CPUExecutionProvider")
+    os.environ["SEGSERVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="segserve-cache-")
 
 
 def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:

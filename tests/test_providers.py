@@ -20,8 +20,10 @@ def test_cpu_host_runs_on_the_cpu_only() -> None:
 
 @pytest.mark.parametrize("trt", [True, False])
 def test_gpu_host_offers_tensorrt_only_where_it_loads(monkeypatch, trt: bool) -> None:
-    # No GPU here: pretend one is present; the library loading behind it is real.
+    # No GPU here: pretend one is present, with onnxruntime-gpu's providers; the library loading behind it is real.
     monkeypatch.setattr(providers, "gpu_present", lambda: True)
+    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: offered)
     monkeypatch.setattr(providers, "tensorrt_present", lambda: trt)
     chosen = providers.choose_providers()
     expected = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -45,7 +47,8 @@ def test_provider_settings_cache_engines_and_keep_new_shapes_cheap(tmp_path: Pat
 
 def test_gpu_libraries_from_wheels_are_found_before_a_gpu_session(torchless_env, tmp_path: Path) -> None:
     """A serving image gets CUDA from the nvidia-* wheels, off the loader's path: without the preload onnxruntime's
-    CUDA provider fails on libcublasLt and quietly runs on the CPU even on a GPU host."""
+    CUDA provider fails on libcublasLt and quietly runs on the CPU even on a GPU host. With onnxruntime's CPU build
+    (the base install) asking for CUDA is a clear error instead."""
     script = tmp_path / "open.py"
     script.write_text(
         "from segserve.runtime import load_model\n"
@@ -56,6 +59,12 @@ def test_gpu_libraries_from_wheels_are_found_before_a_gpu_session(torchless_env,
     env = {**torchless_env, "PYTHONPATH": torchless_env["PYTHONPATH"] + ":" + str(Path.cwd())}
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
                             cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # the CPU build (the base install)
+        assert result.returncode != 0 and "are not available here (available: [" in result.stderr, result.stderr
+        return
+    # onnxruntime-gpu (the gpu extra, the GPU image): the libraries are found before the session opens
     assert result.returncode == 0, result.stderr
     assert "CPUExecutionProvider" in result.stdout  # a CPU host falls back; a GPU host runs CUDA first
     wheels = importlib.util.find_spec("nvidia") is not None

@@ -114,7 +114,7 @@ def test_overlay_heatmaps_and_analyze(server: Server, runtime: Segmenter) -> Non
 
 def test_metadata_matches_the_onnx_file(server: Server, runtime: Segmenter) -> None:
     card = server.client.get("/metadata").json()
-    stored = json.loads(load_model(runtime.model.path).metadata.to_json())
+    stored = json.loads(load_model(runtime.model_path).metadata.to_json())
     assert {k: card[k] for k in stored} == stored
     assert card["providers"] == ["CPUExecutionProvider"] and card["segserve_version"]
 

@@ -27,13 +27,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from segserve.images import ImageSource, read_image
-from segserve.modelcard import INPUT, LABELS, LOGITS, ModelFileError, ModelMetadata
+from segserve.modelcard import LABELS, LOGITS, ModelFileError, ModelMetadata
 from segserve.runtime.encode import softmax
-from segserve.runtime.session import load_model
+from segserve.runtime.engines import open_engine
 from segserve.settings import Settings
 
 COARSEST_STRIDE = 32  # every segserve FCN pads to, and pools down to, multiples of 32 network pixels
@@ -71,20 +70,6 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Settings for a model whose input size changes from call to call."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_mem_pattern = False  # memory patterns only pay off for a fixed input shape
-    # Idle pool threads sleep instead of spinning: alone it costs nothing (64.7 vs 65.1 ms at 512x512), but spinning
-    # threads steal the cores from image decoding/encoding threads and from any other session (1.6x slower).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
-
 def _ramp(length: int, overlap: int, first: bool, last: bool) -> np.ndarray:
     """Blend weights along one tile side.
 
@@ -120,30 +105,37 @@ class Segmenter:
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, providers: list[str] | None = None, *,
                  tile: int = 1024, overlap: int = 256, tile_above: int | None = None,
-                 max_pixels: int | None = None, threads: int | None = None,
-                 settings: Settings | None = None) -> None:  # fmt: skip
+                 max_pixels: int | None = None, threads: int | None = None, engine: str | None = None,
+                 precision: str | None = None, settings: Settings | None = None) -> None:  # fmt: skip
         if tile < 64 or not 0 <= overlap < tile // 2:
             raise ValueError(f"tile must be >= 64 and overlap in [0, tile/2), got tile={tile}, overlap={overlap}")
         settings = settings or Settings.from_env()
         path = Path(model_path) if model_path is not None else default_model_path(settings)
-        chosen = providers or settings.provider_list
-        options = session_options(threads or settings.threads)
-        self.model = load_model(path, chosen, options, settings.trt_cache)
+        self.engine, self.choice = open_engine(
+            path, engine=engine or settings.engine, precision=precision or settings.precision,
+            providers=providers or settings.provider_list, threads=threads or settings.threads,
+            trt_cache=settings.trt_cache, cache=settings.cache_dir / "engines.json" if settings.cache_dir else None,
+        )  # fmt: skip
+        self.model_path = path
         self.tile, self.overlap = tile, overlap
         self.tile_above = tile_above if tile_above is not None else 2 * tile * tile
         self.max_pixels = max_pixels or settings.max_pixels
 
     @property
     def metadata(self) -> ModelMetadata:
-        return self.model.metadata
+        return self.engine.metadata
 
     @property
     def providers(self) -> list[str]:
-        return self.model.providers
+        return self.engine.providers
+
+    def describe_engine(self) -> dict:
+        """Which engine, precision and device run, and why (``/metadata``, ``segserve info``)."""
+        return {**self.choice.describe(), "providers": self.providers}
 
     def _run(self, batch: np.ndarray, want_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
         names = [LOGITS, LABELS] if want_logits else [LABELS]
-        outputs = self.model.session.run(names, {INPUT: batch})
+        outputs = self.engine.run(names, batch)
         return (outputs[0], outputs[1]) if want_logits else (None, outputs[0])
 
     def segment(self, image: ImageSource, probabilities: bool = False) -> SegmentationResult:
