@@ -14,6 +14,7 @@ from benchmarks.common import Section, machine
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTIONS = (
+    "engines",
     "runtime",
     "peers",
     "limit",
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_section(name: str, scratch: Path, quick: bool, threads: int, context: dict) -> list[Section]:
     from benchmarks import quantization, serving, speed
 
+    if name == "engines":
+        from benchmarks import engines
+
+        return [engines.engines_table(scratch, quick, threads)]
     if name == "runtime":
         section, context["item1"] = speed.runtime_vs_torch(scratch, quick, threads)
         return [section]

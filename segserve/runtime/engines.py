@@ -219,20 +219,25 @@ def open_engine(path: str | os.PathLike[str], *, engine: str = "auto", precision
         raise EngineError(f"no engine runs {Path(path).name} as {engine}/{precision} here; available: {available}")
     if len(allowed) == 1:
         forced = "forced" if engine != "auto" or precision != "auto" or providers else "the only candidate"
-        chosen = load(allowed[0])
-        load.keep_only(chosen)
-        return chosen, Choice(allowed[0], forced)
-    key = _cache_key(allowed, threads)
-    remembered = _remembered(cache, key, allowed)
-    if remembered is not None:
-        chosen = load(remembered.candidate)
-        load.keep_only(chosen)
-        return chosen, remembered
-    return _calibrate(allowed, load, cache, key)
+        choice = Choice(allowed[0], forced)
+    else:
+        key = _cache_key(allowed, threads)
+        remembered = _remembered(cache, key, allowed)
+        if remembered is None:
+            return _calibrate(allowed, load, cache, key)  # measuring warms every candidate
+        choice = remembered
+    chosen = load(choice.candidate)
+    load.keep_only(chosen)
+    chosen.run(["labels"], _frame())  # warm: the first request pays no one-time set-up
+    return chosen, choice
+
+
+def _frame() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(1, *CALIBRATION_SIZE, 3), dtype=np.uint8)
 
 
 def _calibrate(allowed: list[Candidate], load: _Loader, cache: Path | None, key: str) -> tuple[Engine, Choice]:
-    frame = np.random.default_rng(0).integers(0, 256, size=(1, *CALIBRATION_SIZE, 3), dtype=np.uint8)
+    frame = _frame()
     timings: dict[str, float] = {}
     best: tuple[float, Engine] | None = None
     started = time.perf_counter()
