@@ -59,7 +59,7 @@ def test_wheel_in_a_fresh_venv_finds_the_default_model(tmp_path: Path) -> None:
     Image.fromarray(pixels).save(tmp_path / "frame.png")
     work = tmp_path / "elsewhere"  # not the source tree
     work.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SEGSERVE_PROVIDERS": "CPUExecutionProvider"}
     result = subprocess.run(
         [str(venv / "bin" / "segserve"), "segment", str(tmp_path / "frame.png"), "-o", "out", "--no-progress"],
         cwd=work,
