@@ -66,7 +66,8 @@ def debootstrap_base(trust_ca: bool, work: Path) -> str:
     if trust_ca:
         shutil.copy2(HOST_CA, context / "host-ca.crt")
         lines += ["COPY host-ca.crt /etc/ssl/certs/ca-certificates.crt"]
-    lines += ["ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt UV_NATIVE_TLS=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt"]
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    lines += [f"ENV SSL_CERT_FILE={bundle} UV_NATIVE_TLS=1 PIP_CERT={bundle}"]
     (context / "Dockerfile").write_text("\n".join(lines) + "\n")
     run(["docker", "build", "-q", "-t", tag, str(context)], stdout=subprocess.DEVNULL)
     return tag
