@@ -78,6 +78,7 @@ def bentofile(variant: str, base: str, trust_ca: bool, work: Path) -> Path:
     spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     kept = [p for p in spec["python"]["packages"] if not p.startswith(("onnxruntime", "openvino"))]
     spec["python"]["packages"] = kept + PACKAGES[variant]
+    spec["include"] = [*spec["include"], "deploy/container_init.py"]  # the image's PID 1
     docker = {"base_image": base, "dockerfile_template": TEMPLATE}  # (distro, python: those of the base)
     if trust_ca:
         docker["env"] = {"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt", "UV_NATIVE_TLS": "1"}
