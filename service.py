@@ -95,9 +95,27 @@ class Segmentation:
         return self._answer(lambda: self.handlers.heatmaps(_read(image), classes, format))
 
     @bentoml.api
-    def analyze(self, image: ImageField) -> dict:
-        """JSON: size, classes present with pixel share and mean confidence, timings."""
-        return self._answer(lambda: self.handlers.analyze(_read(image)))
+    def analyze(
+        self,
+        image: ImageField,
+        regions: Annotated[bool, Field(description="also each class's regions: count and bounding boxes")] = False,
+    ) -> dict:
+        """JSON: size, classes present with pixel share and mean confidence, timings, the engine."""
+        return self._answer(lambda: self.handlers.analyze(_read(image), regions))
+
+    @bentoml.api
+    def regions(
+        self,
+        image: ImageField,
+        format: Annotated[
+            Literal["rle", "polygons", "geojson"],
+            Field(description="rle (COCO, per class), polygons (per region) or geojson (FeatureCollection)"),
+        ] = "geojson",
+        tolerance: Annotated[float, Field(description="polygon simplification, pixels (0: exact pixel edges)")] = 1.0,
+        min_area: Annotated[int, Field(description="drop regions under this many pixels")] = 0,
+    ) -> Annotated[Path, ContentType("application/json")]:
+        """The label map as vectors. A georeferenced GeoTIFF gives GeoJSON in its map coordinates and CRS."""
+        return self._answer(lambda: self.handlers.regions(_read(image), format, tolerance, min_area))
 
 
 def _read(image: Path) -> bytes:

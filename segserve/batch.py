@@ -30,6 +30,7 @@ from segserve.files import write_atomic
 from segserve.images import ImageError, is_image_name, read_image
 from segserve.runtime.outputs import OutputError, OutputPlan, Payload, render
 from segserve.runtime.segmenter import SegmentationResult, Segmenter
+from segserve.runtime.vectors import georeference
 
 TEMP_DIR = ".segserve-tmp"
 
@@ -209,7 +210,8 @@ class _Run:
         self.bar.update(1)
 
     def write(self, job: Job, result: SegmentationResult, pixels: np.ndarray) -> None:
-        payloads = render(self.plan, result, pixels, self.segmenter.metadata, str(job.source))
+        reference = georeference(job.source) if "geojson" in self.plan.kinds else None
+        payloads = render(self.plan, result, pixels, self.segmenter.metadata, str(job.source), reference)
         for kind, payload in payloads.items():
             self.folder.write(self.targets[job][kind], payload)
 

@@ -207,7 +207,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     classes = comma_list(args.classes) if args.classes else None
     plan = OutputPlan(kinds=comma_list(args.outputs), classes=classes, overlay_format=args.overlay_format,
-                      alpha=args.alpha, heatmap_format=args.heatmap_format)  # fmt: skip
+                      alpha=args.alpha, heatmap_format=args.heatmap_format, tolerance=args.tolerance,
+                      min_area=args.min_area, summary_regions=args.summary_regions)  # fmt: skip
     jobs, missing = collect_inputs(args.inputs)
     for source, reason in missing:
         print(f"segserve: {source}: {reason}", file=sys.stderr)
@@ -334,7 +335,8 @@ def _add_segment(commands: Commands) -> None:
     about = (
         "Segment every input with an exported model. Outputs mirror the inputs' relative paths under OUT_DIR: "
         "NAME.labels.png (palette PNG of class indices), NAME.overlay.png|jpg, NAME.heatmaps.npz (float16 per class) "
-        "or NAME.heatmaps/ (8-bit PNGs), NAME.json (summary). Each file appears complete or not at all. "
+        "or NAME.heatmaps/ (8-bit PNGs), NAME.json (summary), NAME.rle.json (COCO RLE per class), NAME.polygons.json, "
+        "NAME.geojson (regions as vectors). Each file appears complete or not at all. "
         "Exit status 1 if any input failed (all are listed), 2 for a bad request."
     )
     segment = _command(commands, cmd_segment, "batch-segment images (files, folders, globs) into a folder", about)
@@ -342,11 +344,14 @@ def _add_segment(commands: Commands) -> None:
     add("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
     add("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
     add("--model", help="an exported .onnx model (default: $SEGSERVE_MODEL or the shipped one)")
-    add("--outputs", default="labels", help="comma list of labels,overlay,heatmaps,json")
+    add("--outputs", default="labels", help="comma list of labels,overlay,heatmaps,json,rle,polygons,geojson")
     add("--classes", help="heatmaps for these classes only (comma list of names)")
     add("--heatmap-format", choices=["npz", "png"], default="npz")
     add("--overlay-format", choices=["png", "jpeg", "jpg"], default="png")
     add("--alpha", type=float, default=0.5, help="overlay colour weight (default 0.5)")
+    add("--tolerance", type=float, default=1.0, help="polygon simplification in pixels (default 1; 0: exact edges)")
+    add("--min-area", type=int, default=0, help="drop polygon/GeoJSON regions under this many pixels")
+    add("--summary-regions", action="store_true", help="the json summary lists each class's regions and boxes")
     add("--batch-size", type=positive_int, default=1, help="same-size images per model call")
     add("--workers", type=positive_int, default=2, help="decode and encode threads each")
     add("--threads", type=positive_int, help="onnxruntime intra-op threads (default: $SEGSERVE_THREADS or all cores)")

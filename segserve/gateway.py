@@ -56,7 +56,8 @@ ENDPOINTS: dict[str, tuple[str, ...]] = {
     "/segment": (),
     "/overlay": ("alpha", "format"),
     "/heatmaps": ("classes", "format"),
-    "/analyze": (),
+    "/analyze": ("regions",),
+    "/regions": ("format", "tolerance", "min_area"),
 }
 RAW_TYPES = ("image/", "application/octet-stream")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -308,9 +309,31 @@ def _parameter(endpoint: str, name: str, value: str) -> str:
             return output_format(endpoint.strip("/"), text)
         except OutputError as error:
             raise Refusal(HTTPStatus.BAD_REQUEST, str(error)) from None
+    if name == "tolerance":
+        return repr(_number(name, text, lowest=0.0))
+    if name == "min_area":
+        if not text.isdigit():
+            raise Refusal(HTTPStatus.BAD_REQUEST, f"min_area must be a whole number of pixels >= 0, got {text[:40]!r}")
+        return text
+    if name == "regions":
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise Refusal(HTTPStatus.BAD_REQUEST, f"regions must be true or false, got {text[:40]!r}")
+        return "true" if text.lower() in ("true", "1", "yes") else "false"
     if name == "classes" and re.search(r"[\x00-\x1f]", text):
         raise Refusal(HTTPStatus.BAD_REQUEST, "classes must be a comma list of class names")
     return text
+
+
+def _number(name: str, text: str, lowest: float, highest: float | None = None) -> float:
+    """A finite number in [lowest, highest], or a Refusal naming the parameter and its range."""
+    span = f"between {lowest:g} and {highest:g}" if highest is not None else f">= {lowest:g}"
+    try:
+        number = float(text)
+    except ValueError:
+        raise Refusal(HTTPStatus.BAD_REQUEST, f"{name} must be a number {span}, got {text[:40]!r}") from None
+    if not math.isfinite(number) or number < lowest or (highest is not None and number > highest):
+        raise Refusal(HTTPStatus.BAD_REQUEST, f"{name} must be {span}, got {text[:40]}")
+    return number
 
 
 def _log_refusal(scope: Scope, refusal: Refusal) -> None:

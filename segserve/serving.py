@@ -23,8 +23,10 @@ import numpy as np
 
 import segserve
 from segserve.images import ImageError, ImageTooLarge, read_image
-from segserve.runtime.outputs import OutputError, OutputPlan, render, summary_record, zipped
+from segserve.runtime import vectors
+from segserve.runtime.outputs import OutputError, OutputPlan, output_format, render, summary_record, zipped
 from segserve.runtime.segmenter import SegmentationResult, Segmenter
+from segserve.runtime.vectors import georeference
 from segserve.settings import Settings, comma_list
 
 
@@ -87,9 +89,25 @@ class SegmentationHandlers:
         chosen = comma_list(classes) if classes else None
         return self._produce(data, OutputPlan(kinds=("heatmaps",), classes=chosen, heatmap_format=fmt))
 
-    def analyze(self, data: bytes) -> dict:
+    def regions(self, data: bytes, fmt: str = "geojson", tolerance: float = 1.0, min_area: int = 0) -> Answer:
+        """The label map as vectors: COCO RLE, polygons or GeoJSON (map coordinates for a georeferenced GeoTIFF)."""
+        try:
+            kind = output_format("regions", fmt)
+        except OutputError as error:
+            raise ClientError(str(error)) from None
+        plan = self._plan(OutputPlan(kinds=(kind,), tolerance=tolerance, min_area=min_area))
+        pixels, result = self._segment(data, plan.needs_probabilities)
+        reference = georeference(data) if kind == "geojson" else None
+        (payload,) = render(plan, result, pixels, self.segmenter.metadata, reference=reference).values()
+        return payload, plan.media_type(kind)
+
+    def analyze(self, data: bytes, regions: bool = False) -> dict:
         _, result = self._segment(data, probabilities=True)
-        return {**summary_record(result, self.segmenter.metadata), "engine": self.segmenter.choice.candidate.label}
+        record = summary_record(result, self.segmenter.metadata)
+        if regions:
+            found = vectors.regions(result.labels, 0.0, 0, None)
+            record["regions"] = vectors.region_summary(found, self.segmenter.metadata.classes)
+        return {**record, "engine": self.segmenter.choice.candidate.label}
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -8,7 +8,10 @@ The batch command writes these outputs to files and the service returns them ove
 * ``overlay``: the image blended with its class colours, PNG or JPEG (``NAME.overlay.png|jpg``);
 * ``heatmaps``: per-class probabilities, one float16 ``.npz`` or a set of 8-bit PNGs (a folder in the batch
   command, a zip over HTTP);
-* ``json``: size, classes present with pixel share and mean confidence, timings (``NAME.json``).
+* ``json``: size, classes present with pixel share and mean confidence, timings (``NAME.json``);
+* ``rle``, ``polygons``, ``geojson``: the label map as vectors (:mod:`segserve.runtime.vectors`): COCO RLE per
+  class (``NAME.rle.json``), polygons per connected region (``NAME.polygons.json``) and GeoJSON features
+  (``NAME.geojson``), simplified by ``tolerance`` pixels, regions under ``min_area`` pixels dropped.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from segserve.modelcard import ModelMetadata
-from segserve.runtime import encode
+from segserve.runtime import encode, vectors
 from segserve.runtime.segmenter import SegmentationResult
 
-OUTPUT_KINDS = ("labels", "overlay", "heatmaps", "json")
-FORMATS = {"overlay": ("png", "jpeg"), "heatmaps": ("npz", "png")}
+OUTPUT_KINDS = ("labels", "overlay", "heatmaps", "json", *vectors.VECTOR_FORMATS)
+FORMATS = {"overlay": ("png", "jpeg"), "heatmaps": ("npz", "png"), "regions": vectors.VECTOR_FORMATS}
 _SPELLINGS = {"jpg": "jpeg", "jpe": "jpeg"}
 MEDIA_TYPES = {
     "labels": "image/png",
@@ -37,6 +40,9 @@ MEDIA_TYPES = {
     "heatmaps:npz": "application/x-npz",
     "heatmaps:png": "application/zip",
     "json": "application/json",
+    "rle": "application/json",
+    "polygons": "application/json",
+    "geojson": "application/geo+json",
 }
 
 #: A file's bytes, or {file name: bytes} for a set of files (heatmap PNGs).
@@ -64,10 +70,17 @@ class OutputPlan:
     overlay_format: str = "png"
     alpha: float = 0.5
     heatmap_format: str = "npz"
+    tolerance: float = 1.0  # polygon simplification, pixels (0: exact pixel edges)
+    min_area: int = 0  # regions smaller than this many pixels are dropped from polygons and GeoJSON
+    summary_regions: bool = False  # the json summary lists each class's regions (count, bounding boxes)
 
     @property
     def needs_probabilities(self) -> bool:
-        return "heatmaps" in self.kinds or "json" in self.kinds
+        return bool({"heatmaps", "json", "geojson"} & set(self.kinds))
+
+    @property
+    def needs_regions(self) -> bool:
+        return bool({"polygons", "geojson"} & set(self.kinds)) or (self.summary_regions and "json" in self.kinds)
 
     def checked(self, metadata: ModelMetadata) -> OutputPlan:
         """This plan with formats spelled canonically and heatmap classes resolved, or an OutputError."""
@@ -76,6 +89,10 @@ class OutputPlan:
             raise OutputError(f"unknown output kind(s) {unknown}; choose from {', '.join(OUTPUT_KINDS)}")
         if not 0 <= self.alpha <= 1:
             raise OutputError(f"alpha must be between 0 and 1, got {self.alpha}")
+        if not 0 <= self.tolerance < float("inf"):
+            raise OutputError(f"tolerance must be a number of pixels >= 0, got {self.tolerance}")
+        if self.min_area < 0:
+            raise OutputError(f"min_area must be a number of pixels >= 0, got {self.min_area}")
         classes = metadata.classes
         if len(classes) > 256 and "labels" in self.kinds:
             raise OutputError(f"a palette PNG holds at most 256 classes; this model has {len(classes)}")
@@ -96,6 +113,9 @@ class OutputPlan:
             "overlay": ".overlay.jpg" if self.overlay_format == "jpeg" else ".overlay.png",
             "heatmaps": ".heatmaps.npz" if self.heatmap_format == "npz" else ".heatmaps",
             "json": ".json",
+            "rle": ".rle.json",
+            "polygons": ".polygons.json",
+            "geojson": ".geojson",
         }
         return {kind: stem.with_name(stem.name + suffixes[kind]) for kind in self.kinds}
 
@@ -117,10 +137,19 @@ def summary_record(result: SegmentationResult, metadata: ModelMetadata, source: 
 
 
 def render(
-    plan: OutputPlan, result: SegmentationResult, pixels: np.ndarray, metadata: ModelMetadata, source: str | None = None
+    plan: OutputPlan,
+    result: SegmentationResult,
+    pixels: np.ndarray,
+    metadata: ModelMetadata,
+    source: str | None = None,
+    reference: vectors.Georeference | None = None,
 ) -> dict[str, Payload]:
-    """Output kind -> encoded payload for one image; ``plan`` must come from :meth:`OutputPlan.checked`."""
+    """Output kind -> encoded payload for one image; ``plan`` must come from :meth:`OutputPlan.checked`.
+
+    ``reference``: the input's georeference (a GeoTIFF), for GeoJSON in map coordinates."""
     payloads: dict[str, Payload] = {}
+    found = (vectors.regions(result.labels, plan.tolerance, plan.min_area, result.probabilities)
+             if plan.needs_regions else [])  # fmt: skip
     if "labels" in plan.kinds:
         payloads["labels"] = encode.label_png(result.labels, metadata.palette)
     if "overlay" in plan.kinds:
@@ -128,7 +157,17 @@ def render(
     if "heatmaps" in plan.kinds:
         payloads["heatmaps"] = _heatmaps(plan, result, metadata.classes)
     if "json" in plan.kinds:
-        payloads["json"] = (json.dumps(summary_record(result, metadata, source), indent=2) + "\n").encode()
+        record = summary_record(result, metadata, source)
+        if plan.summary_regions:
+            record["regions"] = vectors.region_summary(found, metadata.classes)
+        payloads["json"] = (json.dumps(record, indent=2) + "\n").encode()
+    if "rle" in plan.kinds:
+        payloads["rle"] = vectors.dumps(vectors.coco_rle(result.labels, metadata.classes))
+    if "polygons" in plan.kinds:
+        payloads["polygons"] = vectors.dumps(vectors.polygons_record(found, metadata.classes, result.labels.shape))
+    if "geojson" in plan.kinds:
+        payloads["geojson"] = vectors.dumps(vectors.geojson_record(found, metadata.classes, metadata.palette,
+                                                                   reference))  # fmt: skip
     return payloads
 
 
