@@ -25,6 +25,7 @@ SECTIONS = (
     "memory",
     "service",
     "service-memory",
+    "vectors",
 )
 
 
@@ -116,6 +117,10 @@ def run_section(name: str, scratch: Path, quick: bool, threads: int, context: di
         return [serving.large_image_memory(scratch)]
     if name == "service":
         return [serving.service_vs_runtime(scratch, quick)]
+    if name == "vectors":
+        from benchmarks import vectors
+
+        return [vectors.vectors_vs_model(quick)]
     if name == "service-memory":
         return [serving.service_memory(scratch, quick)]
     raise ValueError(name)

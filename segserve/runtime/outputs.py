@@ -148,8 +148,8 @@ def render(
 
     ``reference``: the input's georeference (a GeoTIFF), for GeoJSON in map coordinates."""
     payloads: dict[str, Payload] = {}
-    found = (vectors.regions(result.labels, plan.tolerance, plan.min_area, result.probabilities)
-             if plan.needs_regions else [])  # fmt: skip
+    confidence = result.probabilities if "geojson" in plan.kinds else None  # GeoJSON's mean_confidence property
+    found = vectors.regions(result.labels, plan.tolerance, plan.min_area, confidence) if plan.needs_regions else []
     if "labels" in plan.kinds:
         payloads["labels"] = encode.label_png(result.labels, metadata.palette)
     if "overlay" in plan.kinds:

@@ -152,27 +152,32 @@ def regions(labels: np.ndarray, tolerance: float = 1.0, min_area: int = 0,
     traced = [(shape(g), int(v)) for g, v in rasterio.features.shapes(labels.astype(kind), connectivity=4)]
     exact = np.array([g for g, _ in traced], dtype=object)
     simplified = shapely.coverage_simplify(exact, tolerance) if tolerance > 0 and len(exact) else exact
+    confidences = _mean_confidences(traced, labels, probabilities) if probabilities is not None else None
+    areas = np.rint(shapely.area(exact)).astype(np.int64)  # exact: the traced polygons follow pixel edges
+    bounds = np.rint(shapely.bounds(exact)).astype(np.int64) if len(exact) else np.zeros((0, 4), np.int64)
+    valid = shapely.is_valid(simplified)
     found: list[Region] = []
-    identifiers = None
-    if probabilities is not None and traced:  # which region each pixel belongs to, for its mean confidence
-        identifiers = rasterio.features.rasterize(
-            ((g, i + 1) for i, (g, _) in enumerate(traced)), out_shape=labels.shape, dtype=np.int32
-        )
-    for number, (geometry, index) in enumerate(traced):
-        area = round(geometry.area)  # exact: the traced polygon follows pixel edges
-        if area < min_area:
+    for number, (_, index) in enumerate(traced):
+        if areas[number] < min_area:
             continue
-        x0, y0, x1, y1 = (round(v) for v in geometry.bounds)
-        outline = simplified[number]
-        if not outline.is_valid:
-            outline = shapely.make_valid(outline)
-        confidence = None
-        if identifiers is not None:
-            inside = identifiers == number + 1
-            confidence = round(float(probabilities[index][inside].mean()), 6) if inside.any() else None
-        found.append(Region(index, outline, area, (x0, y0, x1 - x0, y1 - y0), confidence))
+        x0, y0, x1, y1 = (int(v) for v in bounds[number])
+        outline = simplified[number] if valid[number] else shapely.make_valid(simplified[number])
+        confidence = None if confidences is None else round(float(confidences[number]), 6)
+        found.append(Region(index, outline, int(areas[number]), (x0, y0, x1 - x0, y1 - y0), confidence))
     found.sort(key=lambda r: -r.area)
     return found
+
+
+def _mean_confidences(traced: list, labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Each region's mean probability of its class: its pixels found by rasterizing the exact polygons once."""
+    import rasterio.features
+
+    identifiers = rasterio.features.rasterize(((g, i + 1) for i, (g, _) in enumerate(traced)),
+                                              out_shape=labels.shape, dtype=np.int32)  # fmt: skip
+    own = np.take_along_axis(probabilities, labels[None].astype(np.intp), axis=0)[0]  # each pixel's own class
+    sums = np.bincount(identifiers.ravel(), weights=own.ravel(), minlength=len(traced) + 1)
+    counts = np.bincount(identifiers.ravel(), minlength=len(traced) + 1)
+    return sums[1:] / np.maximum(counts[1:], 1)
 
 
 def _rings(geometry: Any, transform: Any | None) -> list[list[list[list[float]]]]:
