@@ -17,25 +17,33 @@ from segserve.runtime.engines import candidates
 from segserve.runtime.session import session_options
 from segserve.settings import Settings
 
+SIDE = 2048  # the peaks' GEMM: SIDE^3 multiply-adds
+
+
+def _matmul_model(op: str, input_type: int, output_type: int, weights: np.ndarray) -> bytes:
+    """An ONNX graph ``c = op(a, weights)`` with SIDE x SIDE operands and constant (pre-packable) weights."""
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "b"], ["c"])], op,
+        [helper.make_tensor_value_info("a", input_type, [SIDE, SIDE])],
+        [helper.make_tensor_value_info("c", output_type, [SIDE, SIDE])],
+        [numpy_helper.from_array(weights, "b")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
+
 
 def int8_peak(threads: int, quick: bool) -> float:
     """GOP/s of onnxruntime's MatMulInteger at 2048^3 (uint8 x int8, constant weights): the CPU's int8 limit."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
-    n = 2048
     rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])],
-        [numpy_helper.from_array(rng.integers(-128, 128, (n, n), dtype=np.int8), "b")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])  # fmt: skip
-    feed = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8)}
+    weights = rng.integers(-128, 128, (SIDE, SIDE), dtype=np.int8)
+    model = _matmul_model("MatMulInteger", TensorProto.UINT8, TensorProto.INT32, weights)
+    session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    feed = {"a": rng.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)}
     seconds = alternate({"int8": lambda: session.run(["c"], feed)}, 3 if quick else 7)["int8"]
-    return 2 * n**3 / seconds / 1e9
+    return 2 * SIDE**3 / seconds / 1e9
 
 
 def bf16_peak(threads: int, quick: bool) -> float | None:
@@ -46,24 +54,17 @@ def bf16_peak(threads: int, quick: bool) -> float | None:
     if not (native_bf16() and openvino_available()):
         return None
     import openvino as ov
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
-    n = 2048
     rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "bf16",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
-        [numpy_helper.from_array(rng.standard_normal((n, n), np.float32), "b")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = _matmul_model("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, rng.standard_normal((SIDE, SIDE), np.float32))
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+    compiled = core.compile_model(core.read_model(model, b""), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": threads})  # fmt: skip
     request = compiled.create_infer_request()
-    feed = {"a": rng.standard_normal((n, n), np.float32)}
+    feed = {"a": rng.standard_normal((SIDE, SIDE), np.float32)}
     seconds = alternate({"bf16": lambda: request.infer(feed)}, 3 if quick else 7)["bf16"]
-    return 2 * n**3 / seconds / 1e9
+    return 2 * SIDE**3 / seconds / 1e9
 
 
 def _torch_contenders(metadata, frame: np.ndarray, threads: int) -> dict:
