@@ -114,11 +114,19 @@ def test_init_fine_tunes_from_a_checkpoint_at_another_scale(trained_run, segserv
                           progress=False))  # fmt: skip
 
 
-def test_resume_after_sigkill_is_exact(tmp_path: Path, segserve_command: list[str]) -> None:
+def _precisions() -> list[str]:
+    from segserve.hardware import native_bf16
+
+    return ["fp32", *(["bf16"] if native_bf16() else []), *(["fp16"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("precision", _precisions())
+def test_resume_after_sigkill_is_exact(tmp_path: Path, segserve_command: list[str], precision: str) -> None:
     from conftest import write_dataset
 
     data = write_dataset(tmp_path / "data", "camvid", train=8, val=2, size=(96, 128))
-    args = [*TRAIN, "--data", str(data), "--epochs", "4", "--checkpoint-every", "1", "--jitter", "0.3"]
+    args = [*TRAIN, "--data", str(data), "--epochs", "4", "--checkpoint-every", "1", "--jitter", "0.3",
+            "--precision", precision]  # fmt: skip
     reference = run(segserve_command, *args, "--out", str(tmp_path / "straight"))
     assert reference.returncode == 0, reference.stderr
 
@@ -169,3 +177,43 @@ def test_augmentation_is_a_function_of_its_seed() -> None:
     # At scale 0.5 x <=1.5 the 60x80 image is at most 45x60: the crop is padded with ignored labels.
     assert (a[1] == 255).any()
     assert set(a[1].unique().tolist()) <= {0, 1, 2, 255}
+
+
+def test_holdout_chooses_on_the_held_out_frames_and_reports_val(tmp_path: Path, segserve_command) -> None:
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", "camvid", train=8, val=2)
+    out = tmp_path / "run"
+    result = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "2", "--out", str(out),
+                 "--holdout", "train_001", "--precision", "fp32")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "held-out pixel acc" in result.stdout and "val mIoU" in result.stdout
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert all(0 <= float(r["val_mean_iou"]) <= 1 for r in rows)
+    card = Checkpoint.load(out / "best.pt").model_config.validation
+    assert card["split"] == "train[train_001]" and 0 <= card["val"]["mean_iou"] <= 1
+    assert json.loads((out / "config.json").read_text())["config"]["holdout"] == "train_001"
+    refused = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "x"),
+                  "--holdout", "0006R0")  # fmt: skip
+    assert refused.returncode == 2 and "must match some but not all training frames" in refused.stderr
+
+
+def test_precision_is_resolved_recorded_and_checkpoints_stay_fp32(tmp_path: Path, segserve_command) -> None:
+    from conftest import write_dataset
+
+    from segserve.hardware import native_bf16
+
+    data = write_dataset(tmp_path / "data", "camvid", train=8, val=2)
+    out = tmp_path / "run"
+    result = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    expected = "fp16" if torch.cuda.is_available() else "bf16" if native_bf16() else "fp32"
+    assert f"precision: {expected} (auto;" in result.stdout
+    assert json.loads((out / "config.json").read_text())["precision"] == expected
+    assert all(
+        v.dtype == torch.float32 for v in Checkpoint.load(out / "last.pt").model.values() if v.is_floating_point()
+    )
+    if not torch.cuda.is_available():
+        refused = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "y"),
+                      "--precision", "fp16")  # fmt: skip
+        assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr

@@ -53,5 +53,14 @@ class TrainConfig:
     workers: int = option(0, "data loader worker processes (default: 0)")
     checkpoint_every: int = option(0, "also write last.pt every K optimizer steps", metavar="K")
     val_every: int = option(1, "validate every N epochs", type=positive_int, metavar="N")
+    precision: str = option(
+        "auto", "training arithmetic: auto = bf16 autocast on CPUs with native bf16 (AMX/AVX512-BF16), fp16 AMP on "
+        "CUDA, else fp32 (weights and checkpoints stay fp32)", choices=("auto", "fp32", "bf16", "fp16"),
+    )  # fmt: skip
+    holdout: str | None = option(
+        None, "cross-drive validation: hold out the training frames whose names start with this prefix (a CamVid "
+        "drive, e.g. 0006R0), train on the rest, choose best.pt on them; val is still measured and reported",
+        metavar="PREFIX",
+    )  # fmt: skip
     progress: bool = option(True, "no progress bars", negate=True)
     resume: bool = option(False, "continue the run in RUN_DIR from last.pt")

@@ -8,6 +8,7 @@ own randomness (dropout) comes from generators whose states the checkpoint holds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -122,13 +123,15 @@ def _load_pairs(collection: Collection, progress: bool) -> list[tuple[np.ndarray
 
 @dataclass
 class _Data:
-    """The decoded, checked splits of a run."""
+    """The decoded, checked splits of a run; with a hold-out, ``choose_*`` is the held-out part of train."""
 
     train_set: Collection
     val_set: Collection
     train_pairs: list[tuple[np.ndarray, np.ndarray]]
     val_pairs: list[tuple[np.ndarray, np.ndarray]]
     statistics: LabelStatistics
+    choose_set: Collection | None = None
+    choose_pairs: list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _load_data(config: TrainConfig) -> _Data:
@@ -137,12 +140,32 @@ def _load_data(config: TrainConfig) -> _Data:
     if val_set.classes != train_set.classes:
         raise TrainingError("the train and val splits declare different classes")
     train_pairs = _load_pairs(train_set, config.progress)
-    statistics = check_pairs(train_set, train_pairs)
+    check_pairs(train_set, train_pairs)
+    choose_set = choose_pairs = None
+    if config.holdout:
+        train_set, choose_set, train_pairs, choose_pairs = _hold_out(train_set, train_pairs, config.holdout)
+    statistics = check_pairs(train_set, train_pairs)  # class balance from what is trained on
     val_pairs = _load_pairs(val_set, config.progress)
     check_pairs(val_set, val_pairs)
     if len(train_pairs) < config.batch_size:
         raise TrainingError(f"{len(train_pairs)} training images are fewer than one batch of {config.batch_size}")
-    return _Data(train_set, val_set, train_pairs, val_pairs, statistics)
+    return _Data(train_set, val_set, train_pairs, val_pairs, statistics, choose_set, choose_pairs)
+
+
+def _hold_out(collection: Collection, pairs: list, prefix: str) -> tuple[Collection, Collection, list, list]:
+    """(training part, held-out part) of the train split: the held-out frames' names start with ``prefix``."""
+    held = [s.image.name.startswith(prefix) for s in collection.samples]
+    if not any(held) or all(held):
+        drives = sorted({s.image.name.split("_")[0] for s in collection.samples})
+        raise TrainingError(f"--holdout {prefix!r} must match some but not all training frames; prefixes: {drives}")
+    parts = []
+    for keep in (False, True):
+        samples = [s for s, h in zip(collection.samples, held, strict=True) if h == keep]
+        split = f"train[{prefix}]" if keep else f"train[not {prefix}]"
+        parts.append((dataclasses.replace(collection, split=split, samples=samples),
+                      [p for p, h in zip(pairs, held, strict=True) if h == keep]))  # fmt: skip
+    (train, train_pairs), (chosen, chosen_pairs) = parts
+    return train, chosen, train_pairs, chosen_pairs
 
 
 def _previous_run(config: TrainConfig) -> Checkpoint | None:
@@ -189,6 +212,7 @@ class _Trainer:
     scaler: torch.amp.GradScaler
     criterion: torch.nn.Module
     per_epoch: int
+    precision: str = "fp32"
     epoch: int = 0
     batch_start: int = 0
     step: int = 0
@@ -207,18 +231,20 @@ class _Trainer:
         if start is not None:
             pipeline.load_state_dict(start.model)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_precision(config.precision, device)
         pipeline.to(device)
-        if device.type == "cuda":
+        if device.type == "cuda" or precision == "bf16":
             pipeline.to(memory_format=torch.channels_last)
         per_epoch = len(data.train_pairs) // config.batch_size
         optimizer = _optimizer(config, [p for p in pipeline.parameters() if p.requires_grad])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.schedule, per_epoch * config.epochs))
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         class_weights = _class_weights(config.class_weights, data.statistics)
         criterion = torch.nn.CrossEntropyLoss(
             weight=None if class_weights is None else class_weights.to(device), ignore_index=IGNORE
         )
-        return cls(config, model_config, pipeline, device, optimizer, scheduler, scaler, criterion, per_epoch)
+        return cls(config, model_config, pipeline, device, optimizer, scheduler, scaler, criterion, per_epoch,
+                   precision)  # fmt: skip
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue exactly where ``checkpoint`` stopped (weights are already loaded by :meth:`build`)."""
@@ -263,12 +289,12 @@ class _Trainer:
         return losses, time.perf_counter() - started
 
     def _step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
-        cuda = self.device.type == "cuda"
         images = images.to(self.device, non_blocking=True)
         masks = masks.to(self.device, non_blocking=True)
-        if cuda:
+        if self.device.type == "cuda" or self.precision == "bf16":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda):
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(self.device.type, dtype=low or torch.float32, enabled=low is not None):
             logits = self.pipeline.fcn(self.pipeline.normalise(images))
             loss = self.criterion(logits.float(), masks)
         self.optimizer.zero_grad(set_to_none=True)
@@ -280,13 +306,22 @@ class _Trainer:
         return loss.item()
 
     def validate(self, data: _Data, row: dict[str, Any]) -> tuple[SegmentationMetrics, np.ndarray]:
-        """Metrics on the val split, added to ``row`` and to the model's card."""
+        """Metrics on the split that chooses best.pt (the held-out drive, else val), added to ``row`` and to the
+        model's card; with a hold-out, val's mIoU is measured and reported beside it."""
         self.pipeline.eval()
         predictor = pipeline_predictor(self.pipeline, self.device)
-        metrics, confusion = evaluate(predictor, data.val_set, data.val_pairs, progress=self.config.progress)
+        progress = self.config.progress
+        val, confusion = evaluate(predictor, data.val_set, data.val_pairs, progress=progress)
+        metrics = val
+        if data.choose_set is not None:
+            metrics, confusion = evaluate(predictor, data.choose_set, data.choose_pairs, progress=progress)
+            row["val_mean_iou"] = val.mean_iou
         for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou"):
             row[key] = getattr(metrics, key)
-        self.model_config.validation = {"split": "val", "epoch": self.epoch, **metrics.to_dict()}
+        split = data.choose_set.split if data.choose_set is not None else "val"
+        self.model_config.validation = {"split": split, "epoch": self.epoch, **metrics.to_dict()}
+        if data.choose_set is not None:
+            self.model_config.validation["val"] = val.to_dict()
         return metrics, confusion
 
 
@@ -300,9 +335,10 @@ def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     fresh = resume_from is None
     model_config = _new_model_config(config, data, init_from) if fresh else resume_from.model_config
     trainer = _Trainer.build(config, model_config, data, resume_from or init_from)
+    print(f"precision: {trainer.precision} ({config.precision}; {trainer.device.type})", flush=True)
     if resume_from is not None:
         trainer.restore(resume_from)
-    _write_config(out / "config.json", config, argv, asdict(model_config), resumed=resume_from is not None)
+    _write_config(out / "config.json", config, argv, asdict(model_config), resume_from is not None, trainer.precision)
     crop = config.crop or _default_crop(data.train_pairs, config.input_scale)
     augment_config = AugmentConfig(config.input_scale, config.scale_range, crop, config.flip, config.jitter)
     dataset = _Pairs(data.train_pairs, augment_config, trainer.pipeline.mean.cpu().flatten(), config.seed)
@@ -349,11 +385,25 @@ def _run_epoch(trainer: _Trainer, data: _Data, dataset: Dataset,
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
     text = f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  {row['images_per_second']} img/s"
     if row.get("mean_iou") is not None:
+        split = "held-out" if "val_mean_iou" in row else "val"
         text += (
-            f"  val pixel acc {100 * row['pixel_accuracy']:.2f}  mean acc {100 * row['mean_accuracy']:.2f}"
+            f"  {split} pixel acc {100 * row['pixel_accuracy']:.2f}  mean acc {100 * row['mean_accuracy']:.2f}"
             f"  mIoU {100 * row['mean_iou']:.2f}  fwIoU {100 * row['frequency_weighted_iou']:.2f}"
         )
+        if "val_mean_iou" in row:
+            text += f"  val mIoU {100 * row['val_mean_iou']:.2f}"
     return text
+
+
+def resolve_precision(asked: str, device: torch.device) -> str:
+    """What ``--precision`` means here: auto is fp16 AMP on CUDA, bf16 autocast on CPUs with native bf16."""
+    from segserve.hardware import native_bf16
+
+    if asked == "auto":
+        return "fp16" if device.type == "cuda" else "bf16" if native_bf16() else "fp32"
+    if asked == "fp16" and device.type != "cuda":
+        raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 (CPUs with AMX or AVX512-BF16) or fp32")
+    return asked
 
 
 def _default_crop(pairs: list[tuple[np.ndarray, np.ndarray]], scale: float) -> tuple[int, int]:
@@ -391,7 +441,10 @@ def _load_init(config: TrainConfig, data: _Data) -> Checkpoint:
 
 def _check_resumable(checkpoint: Checkpoint, config: TrainConfig) -> None:
     saved = checkpoint.train_config
-    for key in ("backbone", "variant", "batch_size", "seed", "input_scale", "optimizer", "schedule"):
+    for key in ("backbone", "variant", "batch_size", "seed", "input_scale", "optimizer", "schedule", "precision",
+                "holdout"):  # fmt: skip
+        if key in ("precision", "holdout") and key not in saved:  # runs from before these options
+            continue
         if saved.get(key) != _jsonable(getattr(config, key)):
             raise TrainingError(
                 f"--resume: the run was started with {key}={saved.get(key)!r}, not {getattr(config, key)!r}; "
@@ -408,7 +461,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_config(
-    path: Path, config: TrainConfig, argv: list[str] | None, model_config: dict[str, Any], resumed: bool
+    path: Path,
+    config: TrainConfig,
+    argv: list[str] | None,
+    model_config: dict[str, Any],
+    resumed: bool,
+    precision: str,
 ) -> None:
     record: dict[str, Any] = json.loads(path.read_text()) if resumed and path.exists() else {}
     command = " ".join(["segserve", *(argv if argv is not None else sys.argv[1:])])
@@ -421,6 +479,7 @@ def _write_config(
             "segserve_version": segserve.__version__,
             "torch_version": torch.__version__,
             "config": _jsonable(asdict(config)),
+            "precision": precision,
             "model": model_config,
         }
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -20,6 +20,7 @@ COLUMNS = (
     "mean_accuracy",
     "mean_iou",
     "frequency_weighted_iou",
+    "val_mean_iou",
     "epoch_seconds",
     "images_per_second",
 )
