@@ -268,3 +268,14 @@ def test_fuzz_500_hostile_requests(client: httpx.Client) -> None:
     after = client.post("/segment", content=FRAME, headers={"content-type": "image/png"})
     assert after.status_code == 200 and after.content == before.content
     assert json.loads(client.get("/metadata").text)["classes"]
+
+
+def test_docs_and_the_spec_describe_both_upload_forms(client: httpx.Client) -> None:
+    docs = client.get("/docs", follow_redirects=False)
+    assert docs.status_code == 307 and docs.headers["location"] == "/"
+    spec = client.get("/docs.json").json()
+    assert "get" in spec["paths"]["/metadata"]
+    for path in ("/segment", "/overlay", "/heatmaps", "/analyze", "/regions"):
+        content = spec["paths"][path]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "image/*", "application/octet-stream"} <= set(content), path
+    assert {p["name"] for p in spec["paths"]["/overlay"]["post"]["parameters"]} == {"alpha", "format"}
