@@ -209,17 +209,24 @@ class Gateway:
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
         inner = {**scope, "headers": headers, "query_string": b""}
-        sent = False
+        await self.app(inner, _replay(body, then_wait=True), _errors_as_json(send, scope))
 
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # the body is all there is; the client's disconnect is not awaited here
-            return {"type": "http.disconnect"}
 
-        await self.app(inner, replay, _errors_as_json(send, scope))
+def _replay(body: bytes, then_wait: bool) -> Receive:
+    """An ASGI ``receive`` that delivers an already received body once; afterwards it reports a disconnect, at
+    once (a parser reading to the end) or never (the app: the client is still there for its answer)."""
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if then_wait:
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 async def parse_upload(scope: Scope, body: bytes) -> Upload:
@@ -251,16 +258,7 @@ async def parse_upload(scope: Scope, body: bytes) -> Upload:
 
 async def _form(scope: Scope, body: bytes) -> tuple[bytes, list[tuple[str, str]]]:
     """(image bytes, text fields) of a form; the image must be a file part (so a URL-encoded form has none)."""
-    delivered = False
-
-    async def once() -> Message:
-        nonlocal delivered
-        if delivered:
-            return {"type": "http.disconnect"}
-        delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    request = Request({**scope, "type": "http"}, once)
+    request = Request({**scope, "type": "http"}, _replay(body, then_wait=False))
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=_PARAMETER_LIMIT)
     except Exception as error:  # python-multipart / starlette raise several types for a broken body

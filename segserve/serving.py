@@ -109,10 +109,6 @@ class SegmentationHandlers:
             record["regions"] = vectors.region_summary(found, self.segmenter.metadata.classes)
         return {**record, "engine": self.segmenter.choice.candidate.label}
 
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return tuple(self.segmenter.metadata.classes)
-
     def metadata(self) -> dict:
         card = json.loads(self.segmenter.metadata.to_json())
         card["providers"] = self.segmenter.providers

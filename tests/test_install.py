@@ -38,21 +38,16 @@ def test_wheel_in_a_fresh_venv_finds_the_default_model(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert install.returncode == 0, install.stderr
+
+    def run(*command: str, **options) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, **options)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    run(sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel))
     # The dependencies (onnxruntime, bentoml, ...) come from this environment, appended after the venv's own
     # site-packages: segserve itself can only be the wheel's copy.
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    purelib = run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
     (Path(purelib) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
@@ -60,23 +55,10 @@ def test_wheel_in_a_fresh_venv_finds_the_default_model(tmp_path: Path) -> None:
     work = tmp_path / "elsewhere"  # not the source tree
     work.mkdir()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SEGSERVE_PROVIDERS": "CPUExecutionProvider"}
-    result = subprocess.run(
-        [str(venv / "bin" / "segserve"), "segment", str(tmp_path / "frame.png"), "-o", "out", "--no-progress"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    where = subprocess.run(
-        [str(python), "-c", "import segserve.runtime as r; print(r.__file__, r.default_model_path())"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    run(str(venv / "bin" / "segserve"), "segment", str(tmp_path / "frame.png"), "-o", "out", "--no-progress",
+        cwd=work, env=env)  # fmt: skip
+    where = run(str(python), "-c", "import segserve.runtime as r; print(r.__file__, r.default_model_path())",
+                cwd=work, env=env).stdout  # fmt: skip
     assert where.startswith(str(venv)) and "share/segserve/models/" in where, where
     with Image.open(work / "out" / "frame.labels.png") as labels:
         assert np.array_equal(np.asarray(labels), Segmenter(threads=2).segment(pixels).labels)
