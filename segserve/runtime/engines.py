@@ -223,7 +223,7 @@ def open_engine(path: str | os.PathLike[str], *, engine: str = "auto", precision
     else:
         key = _cache_key(allowed, threads)
         remembered = _remembered(cache, key, allowed)
-        if remembered is None or not _runs_small_images(load, remembered.candidate):
+        if remembered is None:
             return _calibrate(allowed, load, cache, key)  # measuring warms every candidate
         choice = remembered
     chosen = load(choice.candidate)
@@ -232,22 +232,8 @@ def open_engine(path: str | os.PathLike[str], *, engine: str = "auto", precision
     return chosen, choice
 
 
-def _probe(engine: Engine) -> None:
-    """Run a tiny image: OpenVINO refuses inputs whose scaled size falls under the graph's padding bounds (measured:
-    a 60x80 image at scale 0.5 on an FCN-8s), so a candidate that fails here is no choice for arbitrary sizes."""
-    engine.run(["labels"], np.zeros((1, 17, 23, 3), np.uint8))
-
-
 def _frame() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(1, *CALIBRATION_SIZE, 3), dtype=np.uint8)
-
-
-def _runs_small_images(load: _Loader, candidate: Candidate) -> bool:
-    try:
-        _probe(load(candidate))
-    except Exception:
-        return False
-    return True
 
 
 def _calibrate(allowed: list[Candidate], load: _Loader, cache: Path | None, key: str) -> tuple[Engine, Choice]:
@@ -258,7 +244,6 @@ def _calibrate(allowed: list[Candidate], load: _Loader, cache: Path | None, key:
     for candidate in allowed:
         try:
             loaded = load(candidate)
-            _probe(loaded)
             seconds = _time(loaded, frame)
         except Exception as error:  # a candidate that cannot load or run here is not a choice
             log.warning("engine candidate %s failed: %s", candidate.label, str(error).splitlines()[0][:200])
