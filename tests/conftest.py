@@ -135,7 +135,12 @@ def torchless_env(tmp_path: Path) -> dict[str, str]:
     for name in ("torch", "torchvision"):
         (blocker / name).mkdir(parents=True)
         (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
-    return {"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    return {
+        "PYTHONPATH": str(blocker),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "SEGSERVE_PROVIDERS": os.environ.get("SEGSERVE_PROVIDERS", "CPUExecutionProvider"),
+    }  # as the suite pins
 
 
 @pytest.fixture(scope="session")
