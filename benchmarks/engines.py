@@ -49,16 +49,15 @@ def int8_peak(threads: int, quick: bool) -> float:
 def bf16_peak(threads: int, quick: bool) -> float | None:
     """GFLOP/s of a 2048^3 MatMul (constant weights) in OpenVINO with the bf16 precision hint: the CPU's bf16 limit
     (None where the CPU has no native bf16 or OpenVINO is absent)."""
-    from segserve.runtime.engines import openvino_available
+    from segserve.runtime.engines import openvino_available, openvino_core
 
     if not (native_bf16() and openvino_available()):
         return None
-    import openvino as ov
     from onnx import TensorProto
 
     rng = np.random.default_rng(0)
     model = _matmul_model("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, rng.standard_normal((SIDE, SIDE), np.float32))
-    core = ov.Core()
+    core = openvino_core()
     compiled = core.compile_model(core.read_model(model, b""), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": threads})  # fmt: skip
     request = compiled.create_infer_request()

@@ -180,5 +180,6 @@ def test_sigterm_finishes_the_request_in_flight(image: dict) -> None:
         subprocess.run(["docker", "kill", "--signal", "TERM", identifier], check=True, capture_output=True)
         exit_code = subprocess.run(["docker", "wait", identifier], capture_output=True, text=True, timeout=150)
         worker.join(150)
-        assert outcome["status"] == 200
+        logs = subprocess.run(["docker", "logs", identifier], capture_output=True, text=True)
+        assert outcome["status"] == 200, logs.stdout[-3000:] + logs.stderr[-3000:]
         assert exit_code.stdout.strip() == "0"

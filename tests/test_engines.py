@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -140,3 +141,23 @@ def test_service_and_info_say_which_engine_runs(segserve_command: list[str], sma
     engine = json.loads(result.stdout)["engine"]
     assert engine["engine"] == "onnxruntime" and engine["precision"] == "fp32" and engine["device"] == "CPU"
     assert engine["reason"] in ("forced", "the only candidate") or "fastest" in engine["reason"]
+
+
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed here")
+def test_a_signal_after_an_openvino_engine_was_dropped_elsewhere_is_handled() -> None:
+    """The server's start-up measurement compiles OpenVINO candidates on the main thread and may drop them; the next
+    SIGTERM must still reach Python's handler (it had crashed the worker with SIGSEGV: the plugin's alternate signal
+    stack was unmapped under the main thread)."""
+    script = f"""
+import gc, os, signal, threading
+from segserve.runtime import Segmenter
+from segserve.settings import Settings
+held = [Segmenter({str(SHIPPED)!r}, engine="openvino", precision="fp32", settings=Settings.from_env({{}}))]
+dropper = threading.Thread(target=lambda: (held.clear(), gc.collect()))
+dropper.start(); dropper.join()
+signal.signal(signal.SIGTERM, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGTERM)
+print("after", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["handled", "after"], (done.returncode, done.stderr[-2000:])

@@ -17,16 +17,19 @@ onnxruntime fp32, <= 0.3 mIoU lost).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -99,12 +102,10 @@ class OpenVinoEngine(Engine):
     """OpenVINO on the CPU with dynamic shapes; one infer request per calling thread (requests are not shared)."""
 
     def __init__(self, candidate: Candidate, metadata: ModelMetadata, threads: int | None) -> None:
-        import openvino as ov
-
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if _bf16_hint(candidate) else "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        core = ov.Core()
+        core = openvino_core()
         self.compiled = core.compile_model(core.read_model(str(candidate.path)), "CPU", config)
         super().__init__(candidate, metadata, ["OpenVINO CPU"])
         self._local = threading.local()
@@ -123,9 +124,48 @@ def _bf16_hint(candidate: Candidate) -> bool:
     return candidate.precision == "bf16" or (candidate.precision == "int8" and native_bf16())
 
 
+_CONVERTER = "openvino.tools.ovc"
+
+
+def import_openvino() -> ModuleType:
+    """The OpenVINO runtime, imported without its model converter (``openvino.tools.ovc``).
+
+    Why: importing the converter sends a usage event to OpenVINO's telemetry, from a child process that
+    openvino_telemetry forks off a thread of the importing process (seen here: ``multiprocessing.Process.start`` at
+    ``import openvino``). A server worker should neither phone home nor fork itself while serving; segserve reads
+    ONNX files directly and never converts, so the converter is kept out. A later explicit
+    ``import openvino.tools.ovc`` still works.
+    """
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    blocked = _CONVERTER not in sys.modules
+    if blocked:
+        sys.modules[_CONVERTER] = None  # type: ignore[assignment]  # import machinery: None means "not importable"
+    try:
+        import openvino
+    finally:
+        if blocked and sys.modules.get(_CONVERTER, 0) is None:
+            del sys.modules[_CONVERTER]
+    return openvino
+
+
+@functools.cache
+def openvino_core():  # -> openvino.Core (the module is imported lazily)
+    """The process's one OpenVINO ``Core``, never released.
+
+    Why: compiling on OpenVINO's CPU plugin gives the calling thread an alternate signal stack owned by the plugin,
+    and when the last ``Core`` goes the plugin is unloaded while only the releasing thread's setting is undone. A
+    thread that compiled then takes its next signal on unmapped memory. Measured in the server: the start-up
+    measurement compiled OpenVINO candidates on the main thread, dropped them when onnxruntime won, and the next
+    SIGTERM crashed the worker (SIGSEGV in the signal delivery) with a request in flight. With one ``Core`` for the
+    process the plugin stays loaded (and is loaded once). Test: test_engines.py, the SIGTERM after a dropped engine.
+    """
+    return import_openvino().Core()
+
+
 def openvino_available() -> bool:
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except ImportError:
         return False
     return "avx2" in cpu_flags() or not cpu_flags()
@@ -268,9 +308,7 @@ def _cache_key(allowed: list[Candidate], threads: int | None) -> str:
 
     parts = [cpu_model(), ",".join(sorted(cpu_flags())), str(os.cpu_count()), str(threads), onnxruntime.__version__]
     if any(c.engine == "openvino" for c in allowed):
-        import openvino
-
-        parts.append(openvino.__version__)
+        parts.append(import_openvino().__version__)
     for candidate in allowed:
         stat = candidate.path.stat()
         parts.append(f"{candidate.label}|{candidate.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
