@@ -100,6 +100,59 @@ def test_openvino_matches_onnxruntime_and_is_thread_safe(auto: Settings, small_m
         assert np.abs(got.probabilities - want.probabilities).max() < 1e-3
 
 
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed here")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_runs_tiny_and_odd_sizes(auto: Settings, small_model, precision: str) -> None:
+    """Sizes whose scaled form is under the padded multiple of 32 (OpenVINO had derived a lower bound of 32 for the
+    final crop and refused them) give the same labels as onnxruntime."""
+    if precision == "bf16" and not native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    path, _ = small_model
+    reference = Segmenter(path, engine="onnxruntime", precision="fp32", settings=auto)
+    openvino = Segmenter(path, engine="openvino", precision=precision, settings=auto)
+    agree = total = 0
+    for height, width in ((1, 1), (2, 3), (17, 23), (40, 50), (63, 65), (64, 64)):
+        image = np.random.default_rng(height).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        got, want = openvino.segment(image).labels, reference.segment(image).labels
+        assert got.shape == (height, width)
+        agree, total = agree + int((got == want).sum()), total + got.size
+    assert agree / total >= (0.99 if precision == "fp32" else 0.9)
+
+
+@pytest.fixture(scope="module")
+def pad_cropped_model(tmp_path_factory) -> Path:
+    """The small test model exported as segserve did before it cropped with a Slice (a negative Pad instead)."""
+    from test_export import fake_checkpoint
+
+    import segserve.models.fcn as fcn
+    from segserve.export import checkpoint_graph, export_onnx
+    from segserve.models.padding import fit
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fcn, "crop", fit)
+        graph, metadata = checkpoint_graph(fake_checkpoint("8s", input_scale=0.5, backbone="mobilenet_v3_small"))
+        return export_onnx(graph, tmp_path_factory.mktemp("pad-cropped") / "old.onnx", metadata)
+
+
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed here")
+def test_a_candidate_that_refuses_tiny_images_is_never_chosen(auto: Settings, pad_cropped_model: Path) -> None:
+    """OpenVINO fp32 refuses such a file's inputs under 32 scaled pixels: neither the measurement nor a cache that
+    names it (an older segserve, another file at that path) may put it in service."""
+    forced = Segmenter(pad_cropped_model, engine="openvino", precision="fp32", settings=auto)
+    with pytest.raises(RuntimeError, match="Pad"):  # the premise: this file still shows the old refusal
+        forced.segment(np.zeros((17, 23, 3), np.uint8))
+    first = Segmenter(pad_cropped_model, settings=auto)
+    assert "openvino fp32 on CPU" not in first.choice.timings_ms
+    cache = auto.cache_dir / "engines.json"
+    entries = json.loads(cache.read_text())
+    for entry in entries.values():
+        entry["label"] = "openvino fp32 on CPU"
+    cache.write_text(json.dumps(entries))
+    again = Segmenter(pad_cropped_model, settings=auto)
+    assert again.choice.reason.startswith("fastest") and again.choice.candidate.label != "openvino fp32 on CPU"
+    assert again.segment(np.zeros((17, 23, 3), np.uint8)).labels.shape == (17, 23)
+
+
 def _frames(count: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """CamVid val frames with their labels, or (where ../shared is absent) smooth synthetic scenes without."""
     files = sorted((CAMVID / "val").glob("*.png"))[::4][:count]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from segserve.models.backbones import WeightsArg, get_backbone, load_classifier
 from segserve.models.convolutionalize import convolutionalize_head, pooled_size
-from segserve.models.padding import fit, pad_to_multiple
+from segserve.models.padding import crop, fit, pad_to_multiple
 from segserve.models.trunk import Trunk
 from segserve.models.upsample import bilinear_upsampler
 
@@ -78,12 +78,12 @@ class FCN(nn.Module):
         features8, features16, features32 = self.backbone(pad_to_multiple(x, OUTPUT_STRIDE, self.extra_pad))
         score = self.score_fr(self.head(features32))
         if self.variant == "32s":
-            return fit(self.upscore(score), height, width)
+            return crop(self.upscore(score), height, width)
         score = _fuse(self.upscore2(score), self.score_pool4(features16))
         if self.variant == "16s":
-            return fit(self.upscore16(score), height, width)
+            return crop(self.upscore16(score), height, width)
         score = _fuse(self.upscore_pool4(score), self.score_pool3(features8))
-        return fit(self.upscore8(score), height, width)
+        return crop(self.upscore8(score), height, width)
 
 
 def _score(in_channels: int, num_classes: int) -> nn.Conv2d:

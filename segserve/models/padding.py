@@ -26,6 +26,16 @@ def pad_to_min_size(x: Tensor, size: int) -> Tensor:
     return F.pad(x, (0, torch.sym_max(0, size - width), 0, torch.sym_max(0, size - height)))
 
 
+def crop(x: Tensor, height: int, width: int) -> Tensor:
+    """The top-left ``height`` x ``width`` of ``x`` (no larger than it): a Slice in ONNX.
+
+    Why not a negative :func:`fit`: OpenVINO's CPU plugin bounds a Pad's output below by its input's lower bound, so
+    for an input padded to a multiple of 32 it refused every output under 32 pixels (any image whose scaled size is
+    under 32); a Slice's bounds it derives correctly.
+    """
+    return x[..., :height, :width]
+
+
 def fit(x: Tensor, height: int, width: int) -> Tensor:
     """Crop or zero-pad ``x`` at the bottom and right to exactly ``height`` x ``width``."""
     return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))

@@ -263,13 +263,32 @@ def open_engine(path: str | os.PathLike[str], *, engine: str = "auto", precision
     else:
         key = _cache_key(allowed, threads)
         remembered = _remembered(cache, key, allowed)
-        if remembered is None:
+        if remembered is None or not _runs_tiny_images(load(remembered.candidate)):
             return _calibrate(allowed, load, cache, key)  # measuring warms every candidate
         choice = remembered
     chosen = load(choice.candidate)
     load.keep_only(chosen)
     chosen.run(["labels"], _frame())  # warm: the first request pays no one-time set-up
     return chosen, choice
+
+
+def _probe(engine: Engine) -> None:
+    """Run a tiny image. OpenVINO's fp32/bf16 compilations of files exported before segserve cropped with a Slice
+    refuse inputs whose scaled size is under 32 pixels (measured: 17x23 and 40x50 on the shipped model at scale
+    0.75), so a candidate that fails here is no choice for a service that takes any size."""
+    try:
+        engine.run(["labels"], np.zeros((1, 17, 23, 3), np.uint8))
+    except Exception as error:
+        first = str(error).strip().splitlines()
+        raise EngineError(f"cannot run a 17x23 image ({first[-1][:160] if first else type(error).__name__})") from error
+
+
+def _runs_tiny_images(engine: Engine) -> bool:
+    try:
+        _probe(engine)
+    except Exception:
+        return False
+    return True
 
 
 def _frame() -> np.ndarray:
@@ -284,6 +303,7 @@ def _calibrate(allowed: list[Candidate], load: _Loader, cache: Path | None, key:
     for candidate in allowed:
         try:
             loaded = load(candidate)
+            _probe(loaded)
             seconds = _time(loaded, frame)
         except Exception as error:  # a candidate that cannot load or run here is not a choice
             log.warning("engine candidate %s failed: %s", candidate.label, str(error).splitlines()[0][:200])
