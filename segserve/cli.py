@@ -215,7 +215,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         segmenter = Segmenter(args.model, list(comma_list(args.providers)) or None, tile=args.tile,
                               overlap=args.overlap, max_pixels=args.max_pixels, threads=args.threads,
-                              engine=args.engine, precision=args.precision)  # fmt: skip
+                              engine=args.engine, precision=args.precision, scale=args.scale)  # fmt: skip
     except (ModelFileError, ValueError) as error:
         raise UsageError(str(error)) from error
     if not jobs and not missing:
@@ -329,6 +329,9 @@ def _add_export(commands: Commands) -> None:
     )
     export.add_argument("--calibrate", metavar="DIR", help="--int8: folder of calibration images (e.g. train/)")
     export.add_argument("--calibration-count", type=positive_int, default=48, help="--int8: images used (48)")
+    export.add_argument("--image-size", type=input_size, metavar="HxW",
+                        help="typical training frame size, recorded for scale-aware inference (default: what the "
+                        "checkpoint recorded)")  # fmt: skip
 
 
 def _add_segment(commands: Commands) -> None:
@@ -366,6 +369,9 @@ def _add_segment(commands: Commands) -> None:
     )
     add("--precision", choices=["auto", "fp32", "int8", "bf16", "fp16"],
         help="inference precision (default: $SEGSERVE_PRECISION, auto: the fastest that keeps the labels)")  # fmt: skip
+    add("--scale", choices=["model", "native"],
+        help="model: resample each image to the model's training scale, answer at full size; native: run at its "
+        "own size, tiled when large (default: $SEGSERVE_SCALE, model)")  # fmt: skip
     add("--resume", action="store_true", help="skip inputs whose outputs all exist")
     add("--no-progress", action="store_true", help="no progress bar")
 

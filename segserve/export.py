@@ -126,16 +126,19 @@ def export_onnx(
     return path
 
 
-def checkpoint_graph(checkpoint: Checkpoint) -> tuple[ExportGraph, ModelMetadata]:
-    """The export graph and metadata of a training checkpoint."""
+def checkpoint_graph(checkpoint: Checkpoint,
+                     image_size: tuple[int, int] | None = None) -> tuple[ExportGraph, ModelMetadata]:  # fmt: skip
+    """The export graph and metadata of a training checkpoint; ``image_size`` overrides the typical training
+    frame size the checkpoint recorded (runs from before segserve recorded it have none)."""
     config = checkpoint.model_config
+    recorded = tuple(config.image_size) if config.image_size else None
     strides = {"32s": 32, "16s": 16, "8s": 8}
     metadata = ModelMetadata(
         kind="segmentation", classes=tuple(config.classes), palette=tuple(tuple(c) for c in config.palette),
         mean=tuple(config.mean), std=tuple(config.std), input_scale=float(config.input_scale),
         backbone=config.backbone, variant=config.variant, output_stride=strides[config.variant],
         label_dtype=label_dtype(len(config.classes)), segserve_version=segserve.__version__,
-        training_data=config.training_data, validation=config.validation,
+        training_data=config.training_data, validation=config.validation, image_size=image_size or recorded,
     )  # fmt: skip
     return ExportGraph(checkpoint.pipeline(), len(config.classes)), metadata
 
@@ -230,6 +233,7 @@ class ExportRequest:
     calibrate: str | None = None
     calibration_count: int = 48
     simplify: bool = False
+    image_size: tuple[int, int] | None = None
 
     @property
     def precision(self) -> str:
@@ -254,7 +258,7 @@ def export_model(request: ExportRequest, say: Callable[[str], None] = print) -> 
         if request.classifier:
             reference, metadata = classifier_graph(request.classifier, request.weights)
         else:
-            reference, metadata = checkpoint_graph(Checkpoint.load(request.checkpoint))
+            reference, metadata = checkpoint_graph(Checkpoint.load(request.checkpoint), request.image_size)
     except (CheckpointError, WeightsError, ValueError) as error:
         raise ExportError(str(error)) from error
     graph, metadata = half_precision(reference, metadata) if request.fp16 else (reference, metadata)

@@ -65,6 +65,9 @@ class ModelMetadata:
     outputs_at_input_size: bool = True  # False: coarse heatmaps (a convolutionalized classifier)
     precision: str = "float32"  # "float16": the network's weights and compute (input, resizing, outputs stay float32)
     training_data: str | None = None
+    # (H, W) of a typical training frame, before input_scale: the scale the model learned objects at. The runtime
+    # resamples inputs to its area (segserve.runtime.resample); None: inputs run at their own size.
+    image_size: tuple[int, int] | None = None
     validation: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
@@ -98,10 +101,20 @@ class ModelMetadata:
                     "mean": tuple(raw["mean"]),
                     "std": tuple(raw["std"]),
                     "outputs": tuple(raw.get("outputs", OUTPUTS)),
+                    "image_size": _size(raw.get("image_size")),
                 }
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{source}: segserve metadata is incomplete or malformed ({error})") from None
+
+
+def _size(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    height, width = (int(v) for v in value)
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be positive, got {value}")
+    return height, width
 
 
 def stamp(model: Any, metadata: ModelMetadata) -> None:

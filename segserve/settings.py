@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "int8", "bf16", "fp16"] = Field(
         "auto", description="inference precision (auto: the fastest of those that keep the labels)"
     )
+    scale: Literal["model", "native"] = Field(
+        "model",
+        description="model: resample each image to the scale the model was trained at (its card's image "
+        "size) and answer at full size; native: run images at their own size, tiled when large",
+    )
     cache_dir: Path | None = Field(
         default_factory=_cache_default,
         description="where the measured engine choice is kept (default ~/.cache/segserve)",

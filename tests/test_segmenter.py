@@ -99,11 +99,11 @@ def road_scene(height: int, width: int) -> np.ndarray:
 
 
 def test_tiled_and_whole_labels_agree_on_a_road_scene() -> None:
-    """The shipped model with its default tiles (1024, overlap 256) on an image it would tile (2 x 2 tiles)."""
+    """The shipped model at native scale with its default tiles (1024, overlap 256) on an image it would tile."""
     pixels = road_scene(1440, 1920)
     assert pixels.shape[0] * pixels.shape[1] > Segmenter(threads=1).tile_above
-    whole = Segmenter(threads=2, tile_above=10**9).segment(pixels).labels
-    tiled = Segmenter(threads=2).segment(pixels).labels
+    whole = Segmenter(threads=2, tile_above=10**9, scale="native").segment(pixels).labels
+    tiled = Segmenter(threads=2, scale="native").segment(pixels).labels
     agreement = (whole == tiled).mean()
     assert agreement >= 0.99, f"tiled vs whole agreement {agreement:.4f}"
 

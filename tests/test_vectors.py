@@ -129,8 +129,8 @@ def test_a_tiled_image_gives_regions_across_tile_borders() -> None:
     else:
         image = np.full((720, 960, 3), 120, np.uint8)
         image[100:400, 200:700] = (200, 40, 40)
-    whole = Segmenter(threads=2).segment(image).labels  # not tiled (below 2 x 1024^2 pixels)
-    tiled = Segmenter(threads=2, tile=256, overlap=64, tile_above=1).segment(image).labels
+    whole = Segmenter(threads=2, scale="native").segment(image).labels  # not tiled (below 2 x 1024^2 pixels)
+    tiled = Segmenter(threads=2, tile=256, overlap=64, tile_above=1, scale="native").segment(image).labels
     found = regions(tiled, tolerance=0)
     assert np.array_equal(rasterized(found, tiled.shape), tiled)
     spans = [r for r in found if r.bbox[2] > 256 or r.bbox[3] > 256]  # wider than a tile: across its borders

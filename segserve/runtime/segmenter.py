@@ -1,9 +1,14 @@
 """The Segmenter: any image in, per-pixel labels (and on request class probabilities) out. No torch.
 
-Large images are segmented in overlapping tiles whose logits are blended with linear ramps over the overlap, one
-band of tile rows at a time: the accumulator holds ``classes x tile x width`` floats, so peak memory grows with
-the image's width and the tile size, not with its area (labels, one byte per pixel, are the only full-size
-output unless probabilities are requested).
+By default (``scale="model"``) each image is first resampled to the scale the model was trained at (its metadata's
+``image_size``) and the answer brought back to the image's full size (:mod:`segserve.runtime.resample`): a 4K road
+frame then gets the answer its 360x480 version gets, not a far worse one. ``scale="native"`` runs images at their
+own size, as below.
+
+Large images (at native scale) are segmented in overlapping tiles whose logits are blended with linear ramps over
+the overlap, one band of tile rows at a time: the accumulator holds ``classes x tile x width`` floats, so peak
+memory grows with the image's width and the tile size, not with its area (labels, one byte per pixel, are the only
+full-size output unless probabilities are requested).
 
 A from-scratch FCN's answer at a pixel depends on context far beyond it, and on the phase of its sampling grid, so
 tiles are placed to disturb it as little as possible: tile offsets are multiples of the smallest input offset that
@@ -33,6 +38,7 @@ from segserve.images import ImageSource, read_image
 from segserve.modelcard import LABELS, LOGITS, ModelFileError, ModelMetadata
 from segserve.runtime.encode import softmax
 from segserve.runtime.engines import open_engine
+from segserve.runtime.resample import resize_image, upsample_labels, upsample_logits, working_size
 from segserve.settings import Settings
 
 COARSEST_STRIDE = 32  # every segserve FCN pads to, and pools down to, multiples of 32 network pixels
@@ -106,7 +112,8 @@ class Segmenter:
     def __init__(self, model_path: str | os.PathLike[str] | None = None, providers: list[str] | None = None, *,
                  tile: int = 1024, overlap: int = 256, tile_above: int | None = None,
                  max_pixels: int | None = None, threads: int | None = None, engine: str | None = None,
-                 precision: str | None = None, settings: Settings | None = None) -> None:  # fmt: skip
+                 precision: str | None = None, scale: str | None = None,
+                 settings: Settings | None = None) -> None:  # fmt: skip
         if tile < 64 or not 0 <= overlap < tile // 2:
             raise ValueError(f"tile must be >= 64 and overlap in [0, tile/2), got tile={tile}, overlap={overlap}")
         settings = settings or Settings.from_env()
@@ -120,6 +127,17 @@ class Segmenter:
         self.tile, self.overlap = tile, overlap
         self.tile_above = tile_above if tile_above is not None else 2 * tile * tile
         self.max_pixels = max_pixels or settings.max_pixels
+        self.scale = scale or settings.scale
+        if self.scale not in ("model", "native"):
+            raise ValueError(f"scale must be 'model' or 'native', got {self.scale!r}")
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an H x W image runs at: the model's training scale (``scale="model"`` and a model whose
+        metadata records it), else its own."""
+        image_size = self.metadata.image_size
+        if self.scale == "native" or image_size is None or not self.metadata.outputs_at_input_size:
+            return height, width
+        return working_size(height, width, image_size)
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -149,28 +167,54 @@ class Segmenter:
         decode_time = (time.perf_counter() - started) / max(1, len(images))
         results: list[SegmentationResult | None] = [None] * len(decoded)
         groups: dict[tuple[int, ...], list[int]] = {}
+        working: list[np.ndarray] = []
         for index, pixels in enumerate(decoded):
             height, width = pixels.shape[:2]
-            if height * width > self.tile_above and self.metadata.outputs_at_input_size:
-                begun = time.perf_counter()
-                labels, probs = self._tiled(pixels, probabilities)
-                timings = {"decode": decode_time, "inference": time.perf_counter() - begun}
-                results[index] = SegmentationResult(labels, probs, timings)
+            size = self.working_size(height, width)
+            begun = time.perf_counter()
+            work = pixels if size == (height, width) else resize_image(pixels, *size)
+            resampled = time.perf_counter() - begun
+            working.append(work)
+            if size[0] * size[1] > self.tile_above and self.metadata.outputs_at_input_size:
+                labels, probs = self._tiled(work, probabilities or work is not pixels)
+                # log-probabilities: the tiles' blended scores up to a per-pixel shift (a model trained on frames
+                # this large is the only way here with resampling)
+                scores = np.log(np.maximum(probs, 1e-30)) if probs is not None and work is not pixels else None
+                answer = (self._at_full_size(labels, scores, height, width, probabilities, True) if scores is not None
+                          else (labels, probs))  # fmt: skip
+                timings = {"decode": decode_time, "resample": resampled, "inference": time.perf_counter() - begun}
+                results[index] = SegmentationResult(*answer, timings)
             else:
-                groups.setdefault(pixels.shape, []).append(index)
+                groups.setdefault(work.shape, []).append(index)
         for members in groups.values():
             begun = time.perf_counter()
-            batch = decoded[members[0]][None] if len(members) == 1 else np.stack([decoded[i] for i in members])
-            logits, labels = self._run(batch, probabilities)
+            batch = working[members[0]][None] if len(members) == 1 else np.stack([working[i] for i in members])
+            resampled = any(working[i] is not decoded[i] for i in members)
+            logits, labels = self._run(batch, probabilities or resampled)
             share = (time.perf_counter() - begun) / len(members)
             for row, index in enumerate(members):
                 height, width = decoded[index].shape[:2]
-                probs = softmax(logits[row]) if logits is not None else None
-                labels_i = labels[row]
+                logits_i = logits[row] if logits is not None else None
                 if not self.metadata.outputs_at_input_size:
-                    labels_i, probs = _to_input_size(labels_i, probs, height, width)
-                results[index] = SegmentationResult(labels_i, probs, {"decode": decode_time, "inference": share})
+                    probs = softmax(logits_i) if logits_i is not None else None
+                    answer = _to_input_size(labels[row], probs, height, width)
+                else:
+                    answer = self._at_full_size(labels[row], logits_i, height, width, probabilities,
+                                                working[index] is not decoded[index])  # fmt: skip
+                results[index] = SegmentationResult(*answer, {"decode": decode_time, "inference": share})
         return [r for r in results if r is not None]
+
+    @staticmethod
+    def _at_full_size(labels: np.ndarray, logits: np.ndarray | None, height: int, width: int,
+                      want_probabilities: bool, resampled: bool) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+        """(labels, probabilities or None) at the image's size from the working size's labels and logits."""
+        if not resampled:
+            return labels, softmax(logits) if want_probabilities and logits is not None else None
+        assert logits is not None
+        if want_probabilities:
+            full = upsample_logits(logits, height, width)
+            return full.argmax(axis=0).astype(labels.dtype), softmax(full)
+        return upsample_labels(logits, labels, height, width), None
 
     def _grid(self) -> int:
         """The smallest offset (input pixels) that the inference scale maps to a whole number of stride-32 cells:

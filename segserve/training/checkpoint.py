@@ -52,6 +52,7 @@ class ModelConfig:
     freeze_upsampling: bool = False
     training_data: str | None = None
     validation: dict[str, Any] | None = None
+    image_size: list[int] | None = None  # median (H, W) of the training frames: the scale objects were learned at
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

@@ -196,6 +196,7 @@ def _new_model_config(config: TrainConfig, data: _Data, init_from: Checkpoint | 
         palette=[list(c) for c in classes.palette], ignore_index=IGNORE, mean=mean, std=std,
         input_scale=config.input_scale, freeze_upsampling=config.freeze_upsampling,
         training_data=f"{Path(config.data).name} ({data.train_set.layout}, {len(data.train_pairs)} train images)",
+        image_size=[int(np.median([image.shape[axis] for image, _ in data.train_pairs])) for axis in (0, 1)],
     )  # fmt: skip
 
 
