@@ -176,7 +176,7 @@ def test_cli_export_check_writes_a_verified_file(tmp_path: Path, segserve_comman
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "onnx.checker (full_check): passed" in result.stdout and "argmax agreement" in result.stdout
-    assert load_model(out).metadata.variant == "16s"
+    assert load_model(out).metadata.variant == "16s" and load_model(out).metadata.image_size is None  # not recorded
     assert METADATA_KEY in {p.key for p in onnx.load(str(out)).metadata_props}
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.onnx"]  # no temporary left behind
 
@@ -186,8 +186,10 @@ def test_cli_export_check_writes_a_verified_file(tmp_path: Path, segserve_comman
     assert not (tmp_path / "x.onnx").exists()
 
     half = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(tmp_path / "h.onnx"),
-                           "--check", "--fp16", "--simplify"], capture_output=True, text=True, timeout=300)  # fmt: skip
+                           "--check", "--fp16", "--simplify", "--image-size", "720x1280"], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert half.returncode == 0, half.stderr
+    assert load_model(tmp_path / "h.onnx").metadata.image_size == (720, 1280)
     assert "onnxruntime (float16) vs PyTorch (float32)" in half.stdout
     assert load_model(tmp_path / "h.onnx").metadata.precision == "float16"
     assert not list(tmp_path.glob(".*tmp*"))

@@ -62,6 +62,7 @@ def test_checkpoint_is_complete_and_loads_weights_only(trained_run: tuple[Path, 
     config = checkpoint["model_config"]
     assert config["backbone"] == "mobilenet_v3_small" and config["variant"] == "8s"
     assert len(config["palette"]) == 3 and len(config["mean"]) == 3 and config["input_scale"] == 1.0
+    assert config["image_size"] == [48, 64]  # the training frames' size: the scale the runtime resamples to
     assert checkpoint["epoch"] == 3 and checkpoint["batch"] == 0 and checkpoint["step"] == 6
     assert {"torch", "numpy", "python"} <= set(checkpoint["rng"])
 
