@@ -26,6 +26,7 @@ SECTIONS = (
     "service",
     "service-memory",
     "vectors",
+    "scales",
 )
 
 
@@ -121,6 +122,10 @@ def run_section(name: str, scratch: Path, quick: bool, threads: int, context: di
         from benchmarks import vectors
 
         return [vectors.vectors_vs_model(quick)]
+    if name == "scales":
+        from benchmarks import scales
+
+        return [scales.scales(quick)]
     if name == "service-memory":
         return [serving.service_memory(scratch, quick)]
     raise ValueError(name)

@@ -329,6 +329,9 @@ def _add_export(commands: Commands) -> None:
     )
     export.add_argument("--calibrate", metavar="DIR", help="--int8: folder of calibration images (e.g. train/)")
     export.add_argument("--calibration-count", type=positive_int, default=48, help="--int8: images used (48)")
+    export.add_argument("--tta", choices=["flip"],
+                        help="test-time augmentation in the graph: flip averages the scores of the image and its "
+                        "mirror (two network passes per image)")  # fmt: skip
     export.add_argument("--image-size", type=input_size, metavar="HxW",
                         help="typical training frame size, recorded for scale-aware inference (default: what the "
                         "checkpoint recorded)")  # fmt: skip

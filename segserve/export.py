@@ -72,6 +72,17 @@ def half_precision(graph: ExportGraph, metadata: ModelMetadata) -> tuple[ExportG
     return twin, dataclasses.replace(metadata, precision="float16")
 
 
+def with_tta(graph: ExportGraph, metadata: ModelMetadata, mode: str) -> tuple[ExportGraph, ModelMetadata]:
+    """``graph`` with test-time augmentation ``mode`` (segserve.models.tta) around its network; it is then also the
+    parity reference, so the check compares like with like."""
+    from segserve.models.tta import TTA_MODES, FlipAveraged
+
+    if mode not in TTA_MODES:
+        raise ExportError(f"unknown --tta {mode!r}; choose {', '.join(TTA_MODES)}")
+    graph.pipeline.fcn = FlipAveraged(graph.pipeline.fcn)
+    return graph, dataclasses.replace(metadata, tta=mode)
+
+
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxslim's constant folding and pattern fusion (measured: a few nodes fewer; README "Export")."""
     import onnxslim
@@ -234,6 +245,7 @@ class ExportRequest:
     calibration_count: int = 48
     simplify: bool = False
     image_size: tuple[int, int] | None = None
+    tta: str | None = None
 
     @property
     def precision(self) -> str:
@@ -261,6 +273,11 @@ def export_model(request: ExportRequest, say: Callable[[str], None] = print) -> 
             reference, metadata = checkpoint_graph(Checkpoint.load(request.checkpoint), request.image_size)
     except (CheckpointError, WeightsError, ValueError) as error:
         raise ExportError(str(error)) from error
+    if request.tta and request.classifier:
+        raise ExportError("--tta is for segmentation checkpoints (a classifier's coarse heatmap grid is not mirror-"
+                          "symmetric)")  # fmt: skip
+    if request.tta:
+        reference, metadata = with_tta(reference, metadata, request.tta)
     graph, metadata = half_precision(reference, metadata) if request.fp16 else (reference, metadata)
     transform, parity_images = _int8_transform(request, say) if request.int8 else (None, [])
 

@@ -68,6 +68,7 @@ class ModelMetadata:
     # (H, W) of a typical training frame, before input_scale: the scale the model learned objects at. The runtime
     # resamples inputs to its area (segserve.runtime.resample); None: inputs run at their own size.
     image_size: tuple[int, int] | None = None
+    tta: str | None = None  # test-time augmentation built into the graph ("flip": image and mirror averaged)
     validation: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -240,3 +241,22 @@ def test_int8_export_is_calibrated_on_images_and_keeps_the_contract(tmp_path: Pa
     assert "ConvTranspose" not in ops
     logits, labels = loaded.session.run(None, {"images": np.zeros((2, 33, 47, 3), np.uint8)})
     assert logits.shape == (2, 5, 33, 47) and labels.shape == (2, 33, 47) and logits.dtype == np.float32
+
+
+def test_tta_flip_export_averages_the_image_and_its_mirror(tmp_path: Path, segserve_command: list[str]) -> None:
+    fake_checkpoint("8s", input_scale=0.5, backbone="mobilenet_v3_small").save(tmp_path / "run.pt")
+    plain, flipped = tmp_path / "plain.onnx", tmp_path / "tta.onnx"
+    for out, extra in ((plain, []), (flipped, ["--tta", "flip", "--check"])):
+        done = subprocess.run([*segserve_command, "export", str(tmp_path / "run.pt"), "-o", str(out), *extra],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert load_model(flipped).metadata.tta == "flip" and load_model(plain).metadata.tta is None
+    images = np.random.default_rng(3).integers(0, 256, size=(2, 45, 70, 3), dtype=np.uint8)
+    base = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
+    tta = ort.InferenceSession(str(flipped), providers=["CPUExecutionProvider"])
+    one = base.run(["logits"], {"images": images})[0]
+    mirror = base.run(["logits"], {"images": np.ascontiguousarray(images[:, :, ::-1])})[0][..., ::-1]
+    assert np.abs(tta.run(["logits"], {"images": images})[0] - (one + mirror) / 2).max() < 1e-4
+    refused = subprocess.run([*segserve_command, "export", "--classifier", "mobilenet_v3_small", "-o",
+                              str(tmp_path / "c.onnx"), "--tta", "flip"], capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "--tta is for segmentation checkpoints" in refused.stderr
