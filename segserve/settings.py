@@ -62,8 +62,8 @@ class Settings(BaseSettings):
     )
     scale: Literal["model", "native"] = Field(
         "model",
-        description="model: resample each image to the scale the model was trained at (its card's image "
-        "size) and answer at full size; native: run images at their own size, tiled when large",
+        description="model: an image larger than the model's training frames is resampled to their scale (the "
+        "card's image_size) and answered at full size; native: every image runs at its own size, tiled when large",
     )
     cache_dir: Path | None = Field(
         default_factory=_cache_default,

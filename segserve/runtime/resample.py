@@ -3,8 +3,8 @@
 A from-scratch FCN learns objects at the size its training frames showed them: a car in a 4K frame is eight times
 wider than the same car at CamVid's 360x480, and the model, never having seen such cars, answers far worse
 (measured on the shipped model: pixel accuracy 0.84-0.93 at 1x, 0.49-0.65 on the same frames upscaled 8x). So
-the runtime brings each image to the model's *working size* (the area of its typical training frame, the image's
-own aspect ratio) before the network, and brings the answer back to the image's full size after:
+the runtime brings each larger image down to the model's *working size* (the area of its typical training frame,
+the image's own aspect ratio) before the network, and brings the answer back to the image's full size after:
 
 * down: Pillow's bilinear resize, which widens its filter when it shrinks (an antialiased reduction, not the
   aliasing point sampling a plain bilinear kernel would do at 8x);
@@ -23,10 +23,13 @@ from PIL import Image
 
 
 def working_size(height: int, width: int, image_size: tuple[int, int], tolerance: float = 1.25) -> tuple[int, int]:
-    """(H, W) to run an image at: the area of ``image_size`` with the image's aspect ratio; the image's own size
-    when that is within ``tolerance`` of it in scale (resampling would cost more than it changes)."""
+    """(H, W) to run an image at: for an image larger than ``image_size`` (by more than ``tolerance`` in scale),
+    that area with the image's own aspect ratio; otherwise the image's own size.
+
+    Smaller images are not enlarged: measured on CamVid val frames at half size (180x240), enlarging to 360x480
+    gained 1.5 mIoU points but lost 0.6 of pixel accuracy and took 2.9x the time."""
     factor = math.sqrt(image_size[0] * image_size[1] / (height * width))
-    if 1 / tolerance <= factor <= tolerance:
+    if factor >= 1 / tolerance:
         return height, width
     return max(1, round(height * factor)), max(1, round(width * factor))
 
