@@ -35,12 +35,47 @@ logging.getLogger("segserve").setLevel(logging.INFO)
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
+# Per-model metrics on /metrics beside BentoML's own (bentoml.metrics: multiprocess-safe prometheus_client).
+METRICS = {
+    "requests": bentoml.metrics.Counter(
+        name="segserve_model_requests", documentation="image requests by model, version, endpoint and outcome",
+        labelnames=["model", "version", "endpoint", "outcome"],
+    ),
+    "latency": bentoml.metrics.Histogram(
+        name="segserve_model_request_seconds", documentation="image request time (decode to answer) by model",
+        labelnames=["model", "version", "endpoint"],
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf")),
+    ),
+    "inference": bentoml.metrics.Histogram(
+        name="segserve_model_inference_seconds", documentation="model call time by model and version",
+        labelnames=["model", "version"],
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf")),
+    ),
+}  # fmt: skip
+
+
+def _json(work: Callable[[], dict]) -> JSONResponse:
+    try:
+        return JSONResponse(work())
+    except ClientError as error:
+        return JSONResponse({"error": str(error)}, status_code=int(error.status))
+
+
 async def metadata(request: Request) -> JSONResponse:
-    """GET /metadata: the model card, the providers in use and the segserve version."""
-    return JSONResponse(bentoml.get_current_service().handlers.metadata())
+    """GET /metadata[?model=NAME@VERSION]: the model card, the engine in use and the segserve version."""
+    handlers = bentoml.get_current_service().handlers
+    return _json(lambda: handlers.metadata(request.query_params.get("model")))
 
 
-extra_routes = Starlette(routes=[Route("/metadata", metadata, methods=["GET"])])
+async def models(request: Request) -> JSONResponse:
+    """GET /models: every model and version with its card's essentials, in memory or not."""
+    return _json(bentoml.get_current_service().handlers.listing)
+
+
+extra_routes = Starlette(
+    routes=[Route("/metadata", metadata, methods=["GET"]), Route("/models", models, methods=["GET"])]
+)
+ModelField = Annotated[str, Field(description="NAME or NAME@VERSION of a served model (default: the default model)")]
 
 ImageField = Annotated[Path, Field(description="the image: PNG, JPEG, WebP, GIF, TIFF, BMP... (raw bytes)")]
 
@@ -55,7 +90,8 @@ class Segmentation:
     """Semantic segmentation with an exported segserve model through onnxruntime (GPU when present)."""
 
     def __init__(self) -> None:
-        self.handlers = SegmentationHandlers(SETTINGS)  # /readyz turns ready once this has loaded the model
+        # /readyz turns ready once this has loaded the default model
+        self.handlers = SegmentationHandlers(SETTINGS, metrics=METRICS)
 
     @staticmethod
     def _answer(work: Callable[[], Answer | dict]) -> Response:
@@ -70,9 +106,9 @@ class Segmentation:
         return Response(payload, media_type=media_type)
 
     @bentoml.api
-    def segment(self, image: ImageField) -> Annotated[Path, ContentType("image/png")]:
+    def segment(self, image: ImageField, model: ModelField = "") -> Annotated[Path, ContentType("image/png")]:
         """Palette PNG label map, same width and height as the image: pixel value = class index."""
-        return self._answer(lambda: self.handlers.segment(_read(image)))
+        return self._answer(lambda: self.handlers.segment(_read(image), model))
 
     @bentoml.api
     def overlay(
@@ -80,9 +116,10 @@ class Segmentation:
         image: ImageField,
         alpha: Annotated[float, Field(description="weight of the class colours, 0 to 1")] = 0.5,
         format: Annotated[Literal["png", "jpeg"], Field(description="png or jpeg")] = "png",
+        model: ModelField = "",
     ) -> Annotated[Path, ContentType("image/*")]:
         """The image blended with its class colours."""
-        return self._answer(lambda: self.handlers.overlay(_read(image), alpha, format))
+        return self._answer(lambda: self.handlers.overlay(_read(image), alpha, format, model))
 
     @bentoml.api
     def heatmaps(
@@ -90,18 +127,20 @@ class Segmentation:
         image: ImageField,
         classes: Annotated[str, Field(description="comma list of class names (default: all)")] = "",
         format: Annotated[Literal["npz", "png"], Field(description="npz (float16) or png (8-bit, zipped)")] = "npz",
+        model: ModelField = "",
     ) -> Annotated[Path, ContentType("application/octet-stream")]:
         """Per-class probability maps at the image's size: one float16 .npz, or a zip of 8-bit PNGs."""
-        return self._answer(lambda: self.handlers.heatmaps(_read(image), classes, format))
+        return self._answer(lambda: self.handlers.heatmaps(_read(image), classes, format, model))
 
     @bentoml.api
     def analyze(
         self,
         image: ImageField,
         regions: Annotated[bool, Field(description="also each class's regions: count and bounding boxes")] = False,
+        model: ModelField = "",
     ) -> dict:
-        """JSON: size, classes present with pixel share and mean confidence, timings, the engine."""
-        return self._answer(lambda: self.handlers.analyze(_read(image), regions))
+        """JSON: size, classes present with pixel share and mean confidence, timings, the model and engine."""
+        return self._answer(lambda: self.handlers.analyze(_read(image), regions, model))
 
     @bentoml.api
     def regions(
@@ -113,9 +152,10 @@ class Segmentation:
         ] = "geojson",
         tolerance: Annotated[float, Field(description="polygon simplification, pixels (0: exact pixel edges)")] = 1.0,
         min_area: Annotated[int, Field(description="drop regions under this many pixels")] = 0,
+        model: ModelField = "",
     ) -> Annotated[Path, ContentType("application/json")]:
         """The label map as vectors. A georeferenced GeoTIFF gives GeoJSON in its map coordinates and CRS."""
-        return self._answer(lambda: self.handlers.regions(_read(image), format, tolerance, min_area))
+        return self._answer(lambda: self.handlers.regions(_read(image), format, tolerance, min_area, model))
 
 
 def _read(image: Path) -> bytes:

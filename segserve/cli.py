@@ -203,7 +203,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from segserve.batch import BatchError, collect_inputs, run_batch
     from segserve.runtime import ModelFileError, Segmenter
     from segserve.runtime.outputs import OutputPlan
-    from segserve.settings import comma_list
+    from segserve.runtime.repository import ModelRepository, UnknownModel
+    from segserve.settings import Settings, comma_list
 
     classes = comma_list(args.classes) if args.classes else None
     plan = OutputPlan(kinds=comma_list(args.outputs), classes=classes, overlay_format=args.overlay_format,
@@ -212,11 +213,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
     jobs, missing = collect_inputs(args.inputs)
     for source, reason in missing:
         print(f"segserve: {source}: {reason}", file=sys.stderr)
+
+    def load(path: Path | str | None) -> Segmenter:
+        return Segmenter(path, list(comma_list(args.providers)) or None, tile=args.tile, overlap=args.overlap,
+                         max_pixels=args.max_pixels, threads=args.threads, engine=args.engine,
+                         precision=args.precision, scale=args.scale)  # fmt: skip
+
+    repository = args.models or Settings.from_env().models
     try:
-        segmenter = Segmenter(args.model, list(comma_list(args.providers)) or None, tile=args.tile,
-                              overlap=args.overlap, max_pixels=args.max_pixels, threads=args.threads,
-                              engine=args.engine, precision=args.precision, scale=args.scale)  # fmt: skip
-    except (ModelFileError, ValueError) as error:
+        if repository is not None:  # --model names a model of the repository: NAME or NAME@VERSION
+            models = ModelRepository(Path(repository), lambda entry: load(entry.path))
+            entry, segmenter = models.get(args.model)
+            print(f"segserve: model {entry.label} ({entry.path})", file=sys.stderr)
+        else:
+            segmenter = load(args.model)
+    except (ModelFileError, UnknownModel, ValueError) as error:
         raise UsageError(str(error)) from error
     if not jobs and not missing:
         raise UsageError("no input images given")
@@ -349,7 +360,9 @@ def _add_segment(commands: Commands) -> None:
     add = segment.add_argument
     add("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
     add("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
-    add("--model", help="an exported .onnx model (default: $SEGSERVE_MODEL or the shipped one)")
+    add("--model", help="an exported .onnx model (default: $SEGSERVE_MODEL or the shipped one); with --models, "
+        "a model of the repository: NAME or NAME@VERSION")  # fmt: skip
+    add("--models", metavar="DIR", help="a model repository folder (default: $SEGSERVE_MODELS; README: Several models)")
     add("--outputs", default="labels", help="comma list of labels,overlay,heatmaps,json,rle,polygons,geojson")
     add("--classes", help="heatmaps for these classes only (comma list of names)")
     add("--heatmap-format", choices=["npz", "png"], default="npz")

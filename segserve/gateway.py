@@ -53,11 +53,11 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 ERROR_LIMIT = 300
 #: Image endpoint -> its parameters besides ``image``.
 ENDPOINTS: dict[str, tuple[str, ...]] = {
-    "/segment": (),
-    "/overlay": ("alpha", "format"),
-    "/heatmaps": ("classes", "format"),
-    "/analyze": ("regions",),
-    "/regions": ("format", "tolerance", "min_area"),
+    "/segment": ("model",),
+    "/overlay": ("alpha", "format", "model"),
+    "/heatmaps": ("classes", "format", "model"),
+    "/analyze": ("regions", "model"),
+    "/regions": ("format", "tolerance", "min_area", "model"),
 }
 RAW_TYPES = ("image/", "application/octet-stream")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -317,6 +317,8 @@ def _parameter(endpoint: str, name: str, value: str) -> str:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise Refusal(HTTPStatus.BAD_REQUEST, f"regions must be true or false, got {text[:40]!r}")
         return "true" if text.lower() in ("true", "1", "yes") else "false"
+    if name == "model" and (len(text) > 120 or re.search(r"[\x00-\x1f]", text)):
+        raise Refusal(HTTPStatus.NOT_FOUND, f"unknown model {text[:40]!r}: name a model as NAME or NAME@VERSION")
     if name == "classes" and re.search(r"[\x00-\x1f]", text):
         raise Refusal(HTTPStatus.BAD_REQUEST, "classes must be a comma list of class names")
     return text

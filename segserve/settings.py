@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, frozen=True, extra="ignore")
 
     model: Path | None = Field(None, description="the .onnx model to serve (default: the shipped default model)")
+    models: Path | None = Field(
+        None, description="a model repository folder (NAME/VERSION/model.onnx or NAME.onnx): serve every model in "
+        "it, with versions and hot reload; replaces SEGSERVE_MODEL"
+    )  # fmt: skip
+    max_loaded: PositiveInt = Field(3, description="models of the repository held in memory at once (LRU)")
+    models_poll: PositiveFloat = Field(2.0, description="seconds between scans of the model repository")
     providers: str | None = Field(
         None, description="comma list of onnxruntime providers (default: TensorRT, CUDA, CPU as available)"
     )
