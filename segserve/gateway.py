@@ -4,7 +4,8 @@ Every request is assumed hostile. In order:
 
 1. **API key.** With ``SEGSERVE_API_KEY`` set, every path but the open ones (``/livez``, ``/readyz``, ``/metrics``)
    needs ``Authorization: Bearer <key>``, compared in constant time; anything else is 401 before any work.
-2. **Image endpoints** (``/segment``, ``/overlay``, ``/heatmaps``, ``/analyze``): POST only (405). The body is
+2. **Image endpoints** (``/segment``, ``/overlay``, ``/heatmaps``, ``/analyze``, ``/regions``; each also takes
+   ``model``): POST only (405). The body is
    received here, within ``body_timeout`` seconds (408) and ``max_body_bytes`` (413), at most ``max_uploads`` at a
    time (503). A client still uploading holds no processing slot, so slow or vanished clients cannot lock others
    out; one that disconnects mid-upload is logged in one line and forgotten.
