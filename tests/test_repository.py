@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -217,3 +218,20 @@ def test_served_lru_bound(served) -> None:
     loaded = [(m["name"], v["version"]) for m in client.get("/models").json()["models"] for v in m["versions"]
               if v["loaded"]]  # fmt: skip
     assert len(loaded) <= 2 and ("coast", 1) in loaded
+
+
+def test_batch_command_takes_a_model_of_the_repository(folder: Path, tmp_path: Path, segserve_command) -> None:
+    image = tmp_path / "in" / "frame.png"
+    image.parent.mkdir()
+    image.write_bytes(IMAGE)
+    done = subprocess.run([*segserve_command, "segment", str(image), "-o", str(tmp_path / "out"), "--models",
+                           str(folder), "--model", "coast@1", "--no-progress"], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "model coast@1" in done.stderr
+    with Image.open(tmp_path / "out" / "frame.labels.png") as labels:
+        assert labels.getpalette()[:9] == [0, 0, 255, 0, 255, 0, 255, 255, 255]
+    for name in ("coast@9", "../roads"):
+        command = [*segserve_command, "segment", str(image), "-o", str(tmp_path / "x"), "--models", str(folder)]
+        refused = subprocess.run([*command, "--model", name], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and ("no version 9" in refused.stderr or "unknown model" in refused.stderr)
