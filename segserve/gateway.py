@@ -18,8 +18,9 @@ Every request is assumed hostile. In order:
 5. **Errors.** Every 4xx/5xx leaves as JSON ``{"error": "..."}``, one line, at most :data:`ERROR_LIMIT`
    characters, no traceback, pydantic URL or server path; a client error is logged as one INFO line.
 
-Also: ``GET /docs`` leads to the API page, and the OpenAPI spec (``/docs.json``) gains ``/metadata`` and the
-raw-body form of each image endpoint.
+Also: ``GET /`` is segserve's page and ``GET /docs`` the API page (:data:`PAGES`, from ``segserve/web``, under a
+Content-Security-Policy that allows nothing but this service), and the OpenAPI spec (``/docs.json``) gains
+``/metadata`` and the raw-body form of each image endpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -60,6 +62,17 @@ ENDPOINTS: dict[str, tuple[str, ...]] = {
     "/analyze": ("regions", "model"),
     "/regions": ("format", "tolerance", "min_area", "model"),
 }
+#: Path -> (file of segserve/web, content type): the page at / and the API page at /docs (segserve/web).
+PAGES: dict[str, tuple[str, str]] = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/docs": ("docs.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/static/docs.js": ("docs.js", "text/javascript; charset=utf-8"),
+}
+#: Nothing but this service: no CDN, fonts, trackers or validator badges, whatever a page or a library tries.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 RAW_TYPES = ("image/", "application/octet-stream")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _PARAMETER_LIMIT = 4096  # characters of one parameter value (a class list of thousands of names still fits)
@@ -134,8 +147,8 @@ class Gateway:
         path, method = scope["path"], scope["method"]
         try:
             self._authorise(scope)
-            if path == "/docs" and method in ("GET", "HEAD"):
-                await _redirect(send, "/")
+            if path in PAGES and method in ("GET", "HEAD"):
+                await _page(send, path, head=method == "HEAD")
                 return
             if path in ENDPOINTS:
                 await self._image_request(scope, receive, send)
@@ -341,10 +354,15 @@ def _log_refusal(scope: Scope, refusal: Refusal) -> None:
     log.info("%d %s %s: %s", int(refusal.status), scope["method"], scope["path"][:100], refusal.message)
 
 
-async def _redirect(send: Send, location: str) -> None:
-    await send({"type": "http.response.start", "status": 307, "headers": [(b"location", location.encode()),
-                                                                         (b"content-length", b"0")]})  # fmt: skip
-    await send({"type": "http.response.body", "body": b""})
+async def _page(send: Send, path: str, head: bool) -> None:
+    """One of :data:`PAGES`, from the package (each is read from a fixed name: no client path reaches a file)."""
+    name, content_type = PAGES[path]
+    body = (resources.files("segserve") / "web" / name).read_bytes()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
+                            (b"content-security-policy", PAGE_POLICY.encode()), (b"cache-control", b"no-cache"),
+                            (b"x-content-type-options", b"nosniff")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 def _errors_as_json(send: Send, scope: Scope, patch_spec: bool = False) -> Send:
