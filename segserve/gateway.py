@@ -42,6 +42,7 @@ from urllib.parse import parse_qsl
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+import segserve
 from segserve.runtime.outputs import OutputError, output_format
 from segserve.settings import Settings
 
@@ -419,16 +420,29 @@ def _error_text(body: bytes, status: int) -> str:
 
 
 def patch_openapi(body: bytes) -> bytes:
-    """BentoML's spec plus ``GET /metadata`` and each image endpoint's raw-body form."""
+    """BentoML's spec plus ``GET /metadata``, ``GET /models``, each image endpoint's raw-body form, and a description
+    of segserve's own."""
     try:
         spec = json.loads(body)
     except ValueError:
         return body
+    info = spec.setdefault("info", {})
+    info["version"] = segserve.__version__
+    info.pop("contact", None)
+    # BentoML's default description carries badge images from five other hosts; the page loads nothing from outside
+    info["description"] = ("segserve: semantic segmentation of any image. Send an image to an endpoint below, as a "
+                           "multipart field `image` or as the whole body; the page for people is at `/`.")  # fmt: skip
     paths = spec.setdefault("paths", {})
+    json_answer = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    model = [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+              "description": "NAME or NAME@VERSION (default: the default model)"}]  # fmt: skip
     paths["/metadata"] = {"get": {
         "summary": "The model card, the providers in use and the segserve version", "tags": ["Service APIs"],
-        "responses": {"200": {"description": "model metadata", "content": {"application/json": {"schema": {
-            "type": "object"}}}}},
+        "parameters": model, "responses": {"200": {"description": "model metadata", **json_answer}},
+    }}  # fmt: skip
+    paths["/models"] = {"get": {
+        "summary": "Every model and version served, with its card's essentials", "tags": ["Service APIs"],
+        "responses": {"200": {"description": "the models", **json_answer}},
     }}  # fmt: skip
     raw = {"schema": {"type": "string", "format": "binary"}}
     for path, parameters in ENDPOINTS.items():

@@ -137,6 +137,17 @@ def test_the_page_segments_explores_and_reports_errors(browser, url: str, tmp_pa
     assert not [p for p in problems if "status of 400" not in p], problems
 
 
+def test_the_api_page_renders_under_its_policy(browser, url: str) -> None:
+    page = browser.new_page(viewport={"width": 1200, "height": 900})  # the Content-Security-Policy enforced
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.goto(f"{url}/docs")
+    page.wait_for_selector(".opblock", timeout=60_000)
+    assert page.locator(".opblock").count() >= 7 and "/segment" in page.locator("#swagger-ui").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "7-api.png"))
+    assert not errors, errors  # nothing blocked: nothing asked from another host
+
+
 def test_the_pages_ship_with_the_package_and_load_nothing_from_outside(url: str) -> None:
     for path in ("/", "/docs", "/static/app.js", "/static/app.css", "/static/docs.js"):
         answer = httpx.get(f"{url}{path}", timeout=30)
