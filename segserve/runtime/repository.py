@@ -270,24 +270,33 @@ class ModelRepository:
                 log.exception("model repository scan failed")
 
     def refresh(self) -> None:
-        """One scan: settled new versions checked and taken, removed ones dropped, resident models upgraded."""
+        """One scan: settled new versions checked and taken, removed ones dropped. The new newest version of a
+        model in memory is loaded here, before any request can resolve to it, so requests never wait for it."""
         assert self.root is not None
         accepted = self._accepted(scan(self.root), first=False)
-        default_spec = self._read_default()
         with self._lock:
-            before = {name: max(v) for name, v in self._versions.items() if v}
-            self._versions, self._default_spec = accepted, default_spec
+            published = {name: dict(versions) for name, versions in self._versions.items()}
+            resident_names = {entry.name for entry, _ in self._resident.values()}
+        for name, versions in list(accepted.items()):
+            newest = versions[max(versions)]
+            if name not in resident_names or published.get(name, {}).get(newest.version) == newest:
+                continue
+            log.info("new version %s: loading it before it takes requests", newest.label)
+            try:
+                segmenter = self._load(newest)
+                _probe(segmenter)
+            except Exception as error:  # refused: the version before keeps serving
+                self._refuse(newest, error)
+                del versions[newest.version]
+                if not versions:
+                    del accepted[name]
+                continue
+            self._keep(newest, segmenter)
+        with self._lock:
+            self._versions = accepted
+            self._default_spec = self._read_default()
             for label in [label for label, (entry, _) in self._resident.items() if not self._current(entry)]:
                 del self._resident[label]
-            resident_names = {entry.name for entry, _ in self._resident.values()}
-        for name, versions in accepted.items():
-            newest = versions[max(versions)]
-            if before.get(name) != newest.version and name in resident_names:
-                log.info("new version %s: loading it in the background", newest.label)
-                try:
-                    self.get(newest.label)
-                except Exception as error:  # refused: the old version keeps serving
-                    self._refuse(newest, error)
 
     def _current(self, entry: ModelVersion) -> bool:
         return self._versions.get(entry.name, {}).get(entry.version) == entry
