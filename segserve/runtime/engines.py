@@ -205,7 +205,7 @@ class _Loader:
 
     def __init__(self, path: Path, providers: Sequence[str] | None, threads: int | None, trt_cache: Path | None):
         self.providers, self.threads, self.trt_cache = providers, threads, trt_cache
-        probe = Candidate("onnxruntime", "fp32", path, "as requested" if providers else "CPU")
+        probe = Candidate("onnxruntime", "fp32", path, "the requested providers" if providers else "CPU")
         first = OnnxRuntimeEngine(probe, providers or ["CPUExecutionProvider"], threads, trt_cache)
         first.candidate = Candidate("onnxruntime", PRECISION_OF_FILE.get(first.metadata.precision, "fp32"), path,
                                     probe.device)  # fmt: skip
