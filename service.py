@@ -54,22 +54,27 @@ METRICS = {
 }  # fmt: skip
 
 
-def _json(work: Callable[[], dict]) -> JSONResponse:
+def answer(work: Callable[[], Answer | dict]) -> Response:
+    """The handler's answer as a response; a ClientError as JSON ``{"error": ...}`` with its status."""
     try:
-        return JSONResponse(work())
+        result = work()
     except ClientError as error:
         return JSONResponse({"error": str(error)}, status_code=int(error.status))
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    payload, media_type = result
+    return Response(payload, media_type=media_type)
 
 
-async def metadata(request: Request) -> JSONResponse:
+async def metadata(request: Request) -> Response:
     """GET /metadata[?model=NAME@VERSION]: the model card, the engine in use and the segserve version."""
     handlers = bentoml.get_current_service().handlers
-    return _json(lambda: handlers.metadata(request.query_params.get("model")))
+    return answer(lambda: handlers.metadata(request.query_params.get("model")))
 
 
-async def models(request: Request) -> JSONResponse:
+async def models(request: Request) -> Response:
     """GET /models: every model and version with its card's essentials, in memory or not."""
-    return _json(bentoml.get_current_service().handlers.listing)
+    return answer(bentoml.get_current_service().handlers.listing)
 
 
 extra_routes = Starlette(
@@ -93,22 +98,10 @@ class Segmentation:
         # /readyz turns ready once this has loaded the default model
         self.handlers = SegmentationHandlers(SETTINGS, metrics=METRICS)
 
-    @staticmethod
-    def _answer(work: Callable[[], Answer | dict]) -> Response:
-        """The handler's answer as a response; a ClientError as JSON ``{"error": ...}`` with its status."""
-        try:
-            answer = work()
-        except ClientError as error:
-            return JSONResponse({"error": str(error)}, status_code=int(error.status))
-        if isinstance(answer, dict):
-            return JSONResponse(answer)
-        payload, media_type = answer
-        return Response(payload, media_type=media_type)
-
     @bentoml.api
     def segment(self, image: ImageField, model: ModelField = "") -> Annotated[Path, ContentType("image/png")]:
         """Palette PNG label map, same width and height as the image: pixel value = class index."""
-        return self._answer(lambda: self.handlers.segment(_read(image), model))
+        return answer(lambda: self.handlers.segment(_read(image), model))
 
     @bentoml.api
     def overlay(
@@ -119,7 +112,7 @@ class Segmentation:
         model: ModelField = "",
     ) -> Annotated[Path, ContentType("image/*")]:
         """The image blended with its class colours."""
-        return self._answer(lambda: self.handlers.overlay(_read(image), alpha, format, model))
+        return answer(lambda: self.handlers.overlay(_read(image), alpha, format, model))
 
     @bentoml.api
     def heatmaps(
@@ -130,7 +123,7 @@ class Segmentation:
         model: ModelField = "",
     ) -> Annotated[Path, ContentType("application/octet-stream")]:
         """Per-class probability maps at the image's size: one float16 .npz, or a zip of 8-bit PNGs."""
-        return self._answer(lambda: self.handlers.heatmaps(_read(image), classes, format, model))
+        return answer(lambda: self.handlers.heatmaps(_read(image), classes, format, model))
 
     @bentoml.api
     def analyze(
@@ -140,7 +133,7 @@ class Segmentation:
         model: ModelField = "",
     ) -> dict:
         """JSON: size, classes present with pixel share and mean confidence, timings, the model and engine."""
-        return self._answer(lambda: self.handlers.analyze(_read(image), regions, model))
+        return answer(lambda: self.handlers.analyze(_read(image), regions, model))
 
     @bentoml.api
     def regions(
@@ -155,7 +148,7 @@ class Segmentation:
         model: ModelField = "",
     ) -> Annotated[Path, ContentType("application/json")]:
         """The label map as vectors. A georeferenced GeoTIFF gives GeoJSON in its map coordinates and CRS."""
-        return self._answer(lambda: self.handlers.regions(_read(image), format, tolerance, min_area, model))
+        return answer(lambda: self.handlers.regions(_read(image), format, tolerance, min_area, model))
 
 
 def _read(image: Path) -> bytes:

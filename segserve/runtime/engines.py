@@ -272,7 +272,7 @@ def open_engine(path: str | os.PathLike[str], *, engine: str = "auto", precision
     return chosen, choice
 
 
-def _probe(engine: Engine) -> None:
+def probe(engine: Engine) -> None:
     """Run a tiny image. OpenVINO's fp32/bf16 compilations of files exported before segserve cropped with a Slice
     refuse inputs whose scaled size is under 32 pixels (measured: 17x23 and 40x50 on the shipped model at scale
     0.75), so a candidate that fails here is no choice for a service that takes any size."""
@@ -285,7 +285,7 @@ def _probe(engine: Engine) -> None:
 
 def _runs_tiny_images(engine: Engine) -> bool:
     try:
-        _probe(engine)
+        probe(engine)
     except Exception:
         return False
     return True
@@ -303,7 +303,7 @@ def _calibrate(allowed: list[Candidate], load: _Loader, cache: Path | None, key:
     for candidate in allowed:
         try:
             loaded = load(candidate)
-            _probe(loaded)
+            probe(loaded)
             seconds = _time(loaded, frame)
         except Exception as error:  # a candidate that cannot load or run here is not a choice
             log.warning("engine candidate %s failed: %s", candidate.label, str(error).splitlines()[0][:200])

@@ -35,9 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from segserve.modelcard import ModelFileError, ModelMetadata
+from segserve.runtime.engines import probe
 from segserve.runtime.segmenter import Segmenter, default_model_path
 from segserve.settings import Settings
 
@@ -113,11 +112,6 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     return match.group("name"), int(version) if version else None
 
 
-def _probe(segmenter: Segmenter) -> None:
-    """Load-time check of a new version: it must run a tiny image (a file that loads but cannot run is refused)."""
-    segmenter.segment(np.zeros((17, 23, 3), np.uint8))
-
-
 class ModelRepository:
     """The models of a folder, or of one fixed file (``single``), for the service and the batch command."""
 
@@ -187,7 +181,7 @@ class ModelRepository:
                         return held
                 try:
                     segmenter = self._load(entry)
-                    _probe(segmenter)
+                    probe(segmenter.engine)  # a file that loads but cannot run a tiny image is refused
                 except Exception as error:  # the file cannot serve: refuse it, try the one before
                     self._refuse(entry, error)
                     continue
@@ -207,16 +201,6 @@ class ModelRepository:
         """Whether a request may leave the model unnamed (a default.json entry, or a single model)."""
         with self._lock:
             return self._default_spec is not None
-
-    def default_loaded(self) -> bool:
-        with self._lock:
-            if self._default_spec is None:
-                return True
-            try:
-                entry = self.resolve(None)
-            except UnknownModel:
-                return False
-            return entry.label in self._resident
 
     def listing(self) -> list[dict]:
         """Every model and version: its card's essentials, whether it is in memory and the engine it runs on."""
@@ -284,7 +268,7 @@ class ModelRepository:
             log.info("new version %s: loading it before it takes requests", newest.label)
             try:
                 segmenter = self._load(newest)
-                _probe(segmenter)
+                probe(segmenter.engine)  # a file that loads but cannot run a tiny image is refused
             except Exception as error:  # refused: the version before keeps serving
                 self._refuse(newest, error)
                 del versions[newest.version]
