@@ -127,7 +127,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, segserve_command: list[st
 
     data = write_dataset(tmp_path / "data", "camvid", train=8, val=2, size=(96, 128))
     args = [*TRAIN, "--data", str(data), "--epochs", "4", "--checkpoint-every", "1", "--jitter", "0.3",
-            "--precision", precision]  # fmt: skip
+            "--photometric", "strong", "--ema", "0.9", "--precision", precision]  # fmt: skip
     reference = run(segserve_command, *args, "--out", str(tmp_path / "straight"))
     assert reference.returncode == 0, reference.stderr
 
@@ -150,6 +150,8 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, segserve_command: list[st
     assert a.step == b.step == 8
     diff = max((a.model[k].float() - b.model[k].float()).abs().max().item() for k in a.model)
     assert diff <= 1e-6
+    assert a.ema is not None and b.ema is not None  # the weight average resumes exactly too
+    assert max((a.ema[k].float() - b.ema[k].float()).abs().max().item() for k in a.ema) <= 1e-6
     config = json.loads((out / "config.json").read_text())
     assert config["resumed"][0]["command"].endswith("--resume")
 
@@ -218,3 +220,53 @@ def test_precision_is_resolved_recorded_and_checkpoints_stay_fp32(tmp_path: Path
         refused = run(segserve_command, *TRAIN, "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "y"),
                       "--precision", "fp16")  # fmt: skip
         assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
+
+
+def test_weight_average_follows_its_formula_and_is_what_the_checkpoint_serves(tmp_path: Path) -> None:
+    """--ema: the average moves by (1 - decay_t) toward each step's weights, BatchNorm statistics included, and a
+    checkpoint holding one builds its pipeline (exports, evaluate) from the average, not the last step."""
+    from segserve.models.fcn import build_fcn
+    from segserve.models.pipeline import SegmentationPipeline
+    from segserve.training.loop import TrainingError, WeightAverage
+
+    pipeline = SegmentationPipeline(build_fcn("mobilenet_v3_small", "8s", 3), [0.5] * 3, [0.25] * 3)
+    average = WeightAverage(pipeline, decay=0.99)
+    start = {k: v.clone() for k, v in average.model.state_dict().items()}
+    with torch.no_grad():
+        for value in pipeline.state_dict().values():
+            if value.is_floating_point():
+                value.add_(1.0)
+    average.update(pipeline, step=100)  # decay_t = min(0.99, 101 / 110) = 0.918...
+    weight = 1 - 101 / 110
+    for key, value in average.model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, start[key] + weight, atol=1e-5), key
+    assert any("running_mean" in k for k in start)  # buffers are averaged as well
+    with pytest.raises(TrainingError, match="between 0 and 1"):
+        WeightAverage(pipeline, decay=1.0)
+
+    from segserve.training.checkpoint import ModelConfig
+
+    config = ModelConfig("mobilenet_v3_small", "8s", ["a", "b", "c"], [[0, 0, 0]] * 3, [0.5] * 3, [0.25] * 3)
+    raw = {k: v.clone() for k, v in pipeline.state_dict().items()}
+    ema = {k: v.clone() for k, v in average.model.state_dict().items()}
+    Checkpoint(config, model=raw, ema=ema).save(tmp_path / "ema.pt")
+    served = Checkpoint.load(tmp_path / "ema.pt").pipeline().state_dict()
+    key = next(k for k in ema if k.endswith("weight"))
+    assert torch.equal(served[key], ema[key]) and not torch.equal(served[key], raw[key])
+
+
+def test_strong_photometric_augmentation_changes_colour_not_labels() -> None:
+    """--photometric strong: a seeded function of the sample, labels untouched, values within [0, 255]."""
+    from conftest import synthetic_pair
+
+    image, mask = synthetic_pair(0, (60, 80))
+    mean = torch.tensor([100.0, 100.0, 100.0])
+    light = AugmentConfig(input_scale=1.0, scale_range=(1.0, 1.0), crop=(48, 64), jitter=0.2)
+    strong = AugmentConfig(input_scale=1.0, scale_range=(1.0, 1.0), crop=(48, 64), jitter=0.2, photometric="strong")
+    a = augment(image, mask, mean, light, np.random.default_rng([5, 0, 1]))
+    b = augment(image, mask, mean, strong, np.random.default_rng([5, 0, 1]))
+    c = augment(image, mask, mean, strong, np.random.default_rng([5, 0, 1]))
+    assert torch.equal(a[1], b[1])  # same geometry: photometric draws come after every geometric one
+    assert torch.equal(b[0], c[0]) and not torch.allclose(a[0], b[0])
+    assert b[0].min() >= 0 and b[0].max() <= 255

@@ -1,4 +1,5 @@
-"""Training-time augmentation: random scale, crop with ignore padding, horizontal flip, light colour jitter.
+"""Training-time augmentation: random scale, crop with ignore padding, horizontal flip, colour jitter and, on
+request, camera-like photometric changes (white balance, gamma, blur, sensor noise).
 
 Every random draw comes from a generator seeded by (seed, epoch, sample index), so a sample's augmentation does
 not depend on worker count, batch order or whether the run was resumed.
@@ -28,6 +29,7 @@ class AugmentConfig:
     crop: tuple[int, int] = (256, 256)
     flip: bool = True
     jitter: float = 0.2  # brightness, contrast and saturation factors drawn from [1 - jitter, 1 + jitter]
+    photometric: str = "light"  # "strong" adds white balance, gamma, blur and noise: another camera, another day
 
 
 def augment(
@@ -56,6 +58,8 @@ def augment(
         x, y = x.flip(-1), y.flip(-1)
     if config.jitter > 0:
         x = _jitter(x, rng, config.jitter)
+    if config.photometric == "strong":
+        x = _camera(x, rng)
     return x[0], y[0, 0].long()
 
 
@@ -66,3 +70,26 @@ def _jitter(x: Tensor, rng: np.random.Generator, amount: float) -> Tensor:
     grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
     x = grey + (x - grey) * saturation
     return x.clamp(0, 255)
+
+
+def _camera(x: Tensor, rng: np.random.Generator) -> Tensor:
+    """What another camera or another day changes: white balance (per-channel gain), tone curve (gamma), focus
+    (Gaussian blur, one image in four) and sensor noise (one in four). Draws only from ``rng``."""
+    gains = torch.from_numpy(rng.uniform(0.85, 1.15, size=3).astype(np.float32)).view(1, 3, 1, 1)
+    gamma = math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
+    x = 255.0 * ((x * gains).clamp(0, 255) / 255.0) ** gamma
+    if rng.random() < 0.25:
+        x = _blur(x, rng.uniform(0.4, 1.2))
+    if rng.random() < 0.25:
+        noise = rng.normal(0.0, rng.uniform(2.0, 8.0), size=tuple(x.shape)).astype(np.float32)
+        x = x + torch.from_numpy(noise)
+    return x.clamp(0, 255)
+
+
+def _blur(x: Tensor, sigma: float) -> Tensor:
+    radius = max(1, math.ceil(2.5 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = (taps / taps.sum()).repeat(3, 1, 1, 1)  # one 1-D kernel per channel (depthwise)
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, taps.view(3, 1, 1, -1), groups=3)
+    return F.conv2d(x, taps.view(3, 1, -1, 1), groups=3)

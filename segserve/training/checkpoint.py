@@ -6,7 +6,8 @@ runs no code from the file); in memory it is a :class:`Checkpoint`:
 ``format``       ``"segserve-checkpoint/1"``
 ``model_config`` what rebuilds the model (:class:`ModelConfig`): backbone, variant, classes, palette, mean/std,
                  input scale
-``model``        the SegmentationPipeline's state_dict
+``model``        the SegmentationPipeline's state_dict (the weights being trained)
+``ema``          with ``--ema``: the moving average of those weights, which the run validated; what exports use
 ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``batch`` (batches done in the current
 epoch), ``step`` (optimizer steps), ``rng`` (torch, CUDA, numpy and Python generator states), ``history``
 (per-epoch records), ``best_miou``, ``train_config``.
@@ -71,6 +72,7 @@ class Checkpoint:
 
     model_config: ModelConfig
     model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None = None
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
@@ -111,10 +113,15 @@ class Checkpoint:
         except (KeyError, TypeError) as error:
             raise CheckpointError(f"{path} is an incomplete segserve checkpoint ({error})") from error
 
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights to use: the moving average when the run kept one (it is what was validated)."""
+        return self.ema if self.ema is not None else self.model
+
     def pipeline(self) -> SegmentationPipeline:
         """The trained pipeline this checkpoint holds, in eval mode."""
         pipeline = self.model_config.pipeline()
-        pipeline.load_state_dict(self.model)
+        pipeline.load_state_dict(self.weights)
         return pipeline.eval()
 
 

@@ -48,6 +48,14 @@ class TrainConfig:
     )  # fmt: skip
     flip: bool = option(True, "no random horizontal flips", negate=True)
     jitter: float = option(0.2, "colour jitter strength, 0 to disable")
+    photometric: str = option(
+        "light", "light: --jitter only; strong: also white balance, gamma, blur and sensor noise (other cameras)",
+        choices=("light", "strong"),
+    )  # fmt: skip
+    ema: float = option(
+        0.0, "keep an exponential moving average of the weights with this decay per step (e.g. 0.999; 0 = off); "
+        "validation, best.pt and exports use the average", metavar="DECAY",
+    )  # fmt: skip
     freeze_upsampling: bool = option(False, "keep the bilinear deconvolutions fixed")
     seed: int = option(0, "random seed (default: 0)")
     workers: int = option(0, "data loader worker processes (default: 0)")

@@ -8,6 +8,7 @@ own randomness (dropout) comes from generators whose states the checkpoint holds
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -219,6 +220,7 @@ class _Trainer:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_miou: float = -1.0
+    average: WeightAverage | None = None
 
     @classmethod
     def build(cls, config: TrainConfig, model_config: ModelConfig, data: _Data,
@@ -244,8 +246,9 @@ class _Trainer:
         criterion = torch.nn.CrossEntropyLoss(
             weight=None if class_weights is None else class_weights.to(device), ignore_index=IGNORE
         )
+        average = WeightAverage(pipeline, config.ema) if config.ema > 0 else None
         return cls(config, model_config, pipeline, device, optimizer, scheduler, scaler, criterion, per_epoch,
-                   precision)  # fmt: skip
+                   precision, average=average)  # fmt: skip
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue exactly where ``checkpoint`` stopped (weights are already loaded by :meth:`build`)."""
@@ -255,12 +258,19 @@ class _Trainer:
         self.epoch, self.batch_start, self.step = checkpoint.epoch, checkpoint.batch, checkpoint.step
         self.history = list(checkpoint.history)
         self.best_miou = float(checkpoint.best_miou)
+        if self.average is not None:
+            if checkpoint.ema is None:
+                raise TrainingError("--resume: this run keeps no weight average (--ema); resume without --ema")
+            self.average.model.load_state_dict(checkpoint.ema)
         set_rng_state(checkpoint.rng)
 
     def save(self, path: Path, epoch_done: int, batch_done: int) -> None:
         Checkpoint(
             model_config=self.model_config,
             model={k: v.detach().cpu() for k, v in self.pipeline.state_dict().items()},
+            ema=None if self.average is None else {
+                k: v.detach().cpu() for k, v in self.average.model.state_dict().items()
+            },
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), epoch=epoch_done, batch=batch_done, step=self.step, rng=rng_state(),
             history=self.history, best_miou=self.best_miou, train_config=_jsonable(asdict(self.config)),
@@ -304,13 +314,16 @@ class _Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
+        if self.average is not None:
+            self.average.update(self.pipeline, self.step)
         return loss.item()
 
     def validate(self, data: _Data, row: dict[str, Any]) -> tuple[SegmentationMetrics, np.ndarray]:
         """Metrics on the split that chooses best.pt (the held-out drive, else val), added to ``row`` and to the
         model's card; with a hold-out, val's mIoU is measured and reported beside it."""
-        self.pipeline.eval()
-        predictor = pipeline_predictor(self.pipeline, self.device)
+        measured = self.pipeline if self.average is None else self.average.model
+        measured.eval()
+        predictor = pipeline_predictor(measured, self.device)
         progress = self.config.progress
         val, confusion = evaluate(predictor, data.val_set, data.val_pairs, progress=progress)
         metrics = val
@@ -341,7 +354,8 @@ def train(config: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         trainer.restore(resume_from)
     _write_config(out / "config.json", config, argv, asdict(model_config), resume_from is not None, trainer.precision)
     crop = config.crop or _default_crop(data.train_pairs, config.input_scale)
-    augment_config = AugmentConfig(config.input_scale, config.scale_range, crop, config.flip, config.jitter)
+    augment_config = AugmentConfig(config.input_scale, config.scale_range, crop, config.flip, config.jitter,
+                                   config.photometric)  # fmt: skip
     dataset = _Pairs(data.train_pairs, augment_config, trainer.pipeline.mean.cpu().flatten(), config.seed)
     final: dict[str, Any] = {}
     metrics: SegmentationMetrics | None = None
@@ -381,6 +395,31 @@ def _run_epoch(trainer: _Trainer, data: _Data, dataset: Dataset,
     plot_curves(out / "curves.png", trainer.history)
     print(_epoch_line(row, config.epochs), flush=True)
     return row, metrics
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (BatchNorm statistics included): flatter
+    minima than the last step's weights, which matters most when few images must stand for many roads.
+
+    The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so early averages are not dominated by the
+    initial weights."""
+
+    def __init__(self, pipeline: SegmentationPipeline, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise TrainingError(f"--ema {decay}: the decay must lie between 0 and 1 (e.g. 0.999)")
+        self.decay = decay
+        self.model = copy.deepcopy(pipeline)
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, pipeline: SegmentationPipeline, step: int) -> None:
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        ours, theirs = self.model.state_dict(), pipeline.state_dict()
+        floats = [key for key, value in ours.items() if value.is_floating_point()]
+        torch._foreach_lerp_([ours[k] for k in floats], [theirs[k].detach() for k in floats], weight)
+        for key, value in ours.items():
+            if not value.is_floating_point():
+                value.copy_(theirs[key])
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
@@ -437,14 +476,14 @@ def _load_init(config: TrainConfig, data: _Data) -> Checkpoint:
             raise TrainingError(f"--init {config.init}: it has {key}={found!r}, this run {wanted!r}")
     if bool(saved.freeze_upsampling) != config.freeze_upsampling:
         raise TrainingError(f"--init {config.init}: its freeze_upsampling differs from this run's")
-    return checkpoint
+    return dataclasses.replace(checkpoint, model=checkpoint.weights, ema=None)
 
 
 def _check_resumable(checkpoint: Checkpoint, config: TrainConfig) -> None:
     saved = checkpoint.train_config
     for key in ("backbone", "variant", "batch_size", "seed", "input_scale", "optimizer", "schedule", "precision",
-                "holdout"):  # fmt: skip
-        if key in ("precision", "holdout") and key not in saved:  # runs from before these options
+                "holdout", "ema"):  # fmt: skip
+        if key in ("precision", "holdout", "ema") and key not in saved:  # runs from before these options
             continue
         if saved.get(key) != _jsonable(getattr(config, key)):
             raise TrainingError(
