@@ -16,6 +16,7 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -128,19 +129,19 @@ class OutputFolder:
 
     Temporaries live in ``OUT_DIR/.segserve-tmp/<pid>/``; those of a run that was killed are removed by the next."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, temp_name: str | None = None) -> None:
         self.out_dir = out_dir.resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.temp_root = self.out_dir / TEMP_DIR
         self._remove_stale_temporaries()
-        self.temp = self.temp_root / str(os.getpid())
+        self.temp = self.temp_root / (temp_name or temp_folder_name())
         self.temp.mkdir(parents=True, exist_ok=True)
 
     def _remove_stale_temporaries(self) -> None:
         if not self.temp_root.is_dir():
             return
         for folder in self.temp_root.iterdir():
-            if not folder.name.isdigit() or not _alive(int(folder.name)):
+            if _stale(folder.name):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def target(self, relative: PurePosixPath) -> Path:
@@ -159,6 +160,22 @@ class OutputFolder:
         shutil.rmtree(self.temp, ignore_errors=True)
         with contextlib.suppress(OSError):  # another run's temporaries are still there
             self.temp_root.rmdir()
+
+
+def temp_folder_name(prefix: str = "") -> str:
+    """``[PREFIX-]HOST-PID``: whose temporaries these are, so a later run on a shared disk removes only those of
+    dead processes on its own host."""
+    return f"{prefix}{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _stale(name: str) -> bool:
+    """A temporary folder left by a process of this host that is gone (bare ``PID``: older segserve versions)."""
+    host, _, pid = name.rpartition("-")
+    if not pid.isdigit():
+        return False
+    if host and host.rpartition("-")[2] != socket.gethostname().replace("-", "_"):
+        return False  # another machine's: it may still be running
+    return not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:

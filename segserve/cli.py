@@ -199,52 +199,72 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    """Batch-segment files, folders and globs into OUT_DIR (torch-free)."""
+    """Batch-segment files, folders, globs or a list of paths/URIs into OUT_DIR (torch-free; Ray only with
+    ``--engine ray``)."""
     from segserve.batch import BatchError, collect_inputs, run_batch
     from segserve.runtime import ModelFileError, Segmenter
-    from segserve.runtime.outputs import OutputPlan
+    from segserve.runtime.outputs import OutputError, OutputPlan
     from segserve.runtime.repository import ModelRepository, UnknownModel
     from segserve.settings import Settings, comma_list
 
+    engine, runtime = _execution_engine(args)
     classes = comma_list(args.classes) if args.classes else None
     plan = OutputPlan(kinds=comma_list(args.outputs), classes=classes, overlay_format=args.overlay_format,
                       alpha=args.alpha, heatmap_format=args.heatmap_format, tolerance=args.tolerance,
                       min_area=args.min_area, summary_regions=args.summary_regions)  # fmt: skip
-    jobs, missing = collect_inputs(args.inputs)
-    for source, reason in missing:
-        print(f"segserve: {source}: {reason}", file=sys.stderr)
-
-    def load(path: Path | str | None) -> Segmenter:
-        return Segmenter(path, list(comma_list(args.providers)) or None, tile=args.tile, overlap=args.overlap,
-                         max_pixels=args.max_pixels, threads=args.threads, engine=args.engine,
-                         precision=args.precision, scale=args.scale)  # fmt: skip
+    if not args.inputs and not args.from_list:
+        raise UsageError("no inputs: give image files, folders or globs, or --from-list FILE")
+    if engine == "local" and ("://" in args.output or any("://" in text for text in args.inputs)):
+        raise UsageError("URIs (s3://, gs://, ...) need --engine ray; the local engine reads and writes local paths")
+    options = {"providers": list(comma_list(args.providers)) or None, "tile": args.tile, "overlap": args.overlap,
+               "max_pixels": args.max_pixels, "threads": args.threads, "engine": runtime,
+               "precision": args.precision, "scale": args.scale}  # fmt: skip
 
     repository = args.models or Settings.from_env().models
     try:
         if repository is not None:  # --model names a model of the repository: NAME or NAME@VERSION
-            models = ModelRepository(Path(repository), lambda entry: load(entry.path))
+            models = ModelRepository(Path(repository), lambda entry: Segmenter(entry.path, **options))
             entry, segmenter = models.get(args.model)
+            model_path: str | None = str(entry.path)
             print(f"segserve: model {entry.label} ({entry.path})", file=sys.stderr)
         else:
-            segmenter = load(args.model)
-    except (ModelFileError, UnknownModel, ValueError) as error:
+            segmenter = Segmenter(args.model, **options)
+            model_path = str(segmenter.model_path)
+        checked = plan.checked(segmenter.metadata)
+    except (ModelFileError, UnknownModel, OutputError, ValueError) as error:
         raise UsageError(str(error)) from error
-    if not jobs and not missing:
-        raise UsageError("no input images given")
     progress = not args.no_progress and sys.stderr.isatty()
 
     def report_failure(source: str, reason: str) -> None:
         print(f"segserve: failed: {source}: {reason}", file=sys.stderr, flush=True)
 
     try:
-        report = run_batch(segmenter, jobs, Path(args.output), plan, batch_size=args.batch_size,
-                           workers=args.workers, resume=args.resume, progress=progress,
-                           report_failure=report_failure if not progress else None)  # fmt: skip
+        if engine == "ray":
+            from segserve.distributed import RayOptions, jobs_from_list, run_ray_batch
+
+            listed, missing = _listed_inputs(args, collect_inputs, jobs_from_list)
+            ray_options = RayOptions(
+                args.address, args.actors, args.gpus_per_actor or 0.0, batch_size=args.batch_size or 4
+            )
+            report = run_ray_batch(model_path, options, listed, args.output, checked, ray_options,
+                                   max_pixels=segmenter.max_pixels, resume=args.resume, progress=progress,
+                                   report_failure=report_failure if not progress else None)  # fmt: skip
+        else:
+            from segserve.batch import Job
+
+            listed, missing = _listed_inputs(args, collect_inputs, None)
+            jobs = [Job(Path(source), stem) for source, stem in listed]
+            report = run_batch(segmenter, jobs, Path(args.output), plan, batch_size=args.batch_size or 1,
+                               workers=args.workers, resume=args.resume, progress=progress,
+                               report_failure=report_failure if not progress else None)  # fmt: skip
     except BatchError as error:
         raise UsageError(str(error)) from error
     except KeyboardInterrupt:
         print("segserve: interrupted; finished outputs are complete, rerun with --resume", file=sys.stderr)
         return 130
+    except RuntimeError as error:  # RayRunError: the cluster gave up; what finished is complete
+        print(f"segserve: {error}; finished outputs are complete, rerun with --resume", file=sys.stderr)
+        return 1
     print(report.line(), file=sys.stderr)
     if report.failed or missing:
         print(f"failed ({len(report.failed) + len(missing)}):", file=sys.stderr)
@@ -252,6 +272,42 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"  {source}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _execution_engine(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(local or ray, the inference runtime). ``--engine onnxruntime|openvino|auto`` predates ``--runtime``:
+    still understood, as the runtime on the local engine."""
+    if args.engine in ("auto", "onnxruntime", "openvino"):
+        if args.runtime is not None and args.runtime != args.engine:
+            raise UsageError(f"--engine {args.engine} (the old spelling of --runtime) contradicts --runtime "
+                             f"{args.runtime}")  # fmt: skip
+        return "local", args.engine
+    ray_only = [flag for flag, value in (("--address", args.address), ("--actors", args.actors),
+                                         ("--gpus-per-actor", args.gpus_per_actor)) if value is not None]  # fmt: skip
+    if args.engine != "ray" and ray_only:
+        raise UsageError(f"{', '.join(ray_only)} only apply with --engine ray")
+    return args.engine or "local", args.runtime
+
+
+def _listed_inputs(args: argparse.Namespace, collect: Callable, from_list: Callable | None) -> tuple[list, list]:
+    """(source, stem) pairs from the command line's files, folders and globs and from ``--from-list``, plus inputs
+    that matched nothing. URIs in the list need a reader that understands them (the Ray engine's)."""
+    from segserve.batch import BatchError
+
+    jobs, missing = collect(args.inputs)
+    listed = [(str(job.source), job.stem) for job in jobs]
+    if args.from_list:
+        if from_list is None:
+            from segserve.distributed import is_uri, jobs_from_list
+
+            entries = jobs_from_list(Path(args.from_list))
+            uris = [source for source, _ in entries if is_uri(source)]
+            if uris:
+                raise BatchError(f"--from-list holds URIs ({uris[0]}, ...): they need --engine ray")
+        else:
+            entries = from_list(Path(args.from_list))
+        listed += entries
+    return listed, missing
 
 
 Commands = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -358,7 +414,7 @@ def _add_segment(commands: Commands) -> None:
     )
     segment = _command(commands, cmd_segment, "batch-segment images (files, folders, globs) into a folder", about)
     add = segment.add_argument
-    add("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    add("inputs", nargs="*", metavar="INPUT", help="image files, folders (recursive) or globs")
     add("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
     add("--model", help="an exported .onnx model (default: $SEGSERVE_MODEL or the shipped one); with --models, "
         "a model of the repository: NAME or NAME@VERSION")  # fmt: skip
@@ -371,23 +427,32 @@ def _add_segment(commands: Commands) -> None:
     add("--tolerance", type=float, default=1.0, help="polygon simplification in pixels (default 1; 0: exact edges)")
     add("--min-area", type=int, default=0, help="drop polygon/GeoJSON regions under this many pixels")
     add("--summary-regions", action="store_true", help="the json summary lists each class's regions and boxes")
-    add("--batch-size", type=positive_int, default=1, help="same-size images per model call")
-    add("--workers", type=positive_int, default=2, help="decode and encode threads each")
+    add("--batch-size", type=positive_int, help="images per model call (same-size ones share it; default 1, "
+        "with --engine ray 4: the rows each actor call takes)")  # fmt: skip
+    add("--workers", type=positive_int, default=2, help="decode and encode threads each (local engine)")
     add("--threads", type=positive_int, help="onnxruntime intra-op threads (default: $SEGSERVE_THREADS or all cores)")
     add("--tile", type=positive_int, default=1024, help="tile side for large images (px)")
     add("--overlap", type=int, default=256, help="tile overlap (px, default 256)")
     add("--max-pixels", type=positive_int, help="refuse larger images (default: $SEGSERVE_MAX_PIXELS)")
     add("--providers", help="comma list of onnxruntime providers: onnxruntime on the model as given")
-    add(
-        "--engine",
-        choices=["auto", "onnxruntime", "openvino"],
-        help="inference engine (default: $SEGSERVE_ENGINE, auto)",
-    )
+    add("--engine", choices=["local", "ray", "auto", "onnxruntime", "openvino"],
+        help="where the batch runs: local (this process, default) or ray (a Ray cluster: README, Scaling out); "
+        "auto, onnxruntime and openvino are the old spelling of --runtime")  # fmt: skip
+    add("--runtime", choices=["auto", "onnxruntime", "openvino"],
+        help="inference runtime (default: $SEGSERVE_ENGINE, auto: the fastest measured here)")  # fmt: skip
     add("--precision", choices=["auto", "fp32", "int8", "bf16", "fp16"],
         help="inference precision (default: $SEGSERVE_PRECISION, auto: the fastest that keeps the labels)")  # fmt: skip
     add("--scale", choices=["model", "native"],
         help="model: resample each image to the model's training scale, answer at full size; native: run at its "
         "own size, tiled when large (default: $SEGSERVE_SCALE, model)")  # fmt: skip
+    add("--from-list", metavar="FILE", help="also segment the paths (or, with --engine ray, URIs such as "
+        "s3://bucket/x.jpg) listed in FILE, one per line; nothing is listed or opened on the driver")  # fmt: skip
+    ray = segment.add_argument_group("Ray engine (pip install 'segserve[ray]')")
+    ray.add_argument("--address", help="the cluster: auto (the one `ray start` made on this machine) or "
+                     "ray://HOST:10001 (default: a Ray instance started for this run on this machine)")  # fmt: skip
+    ray.add_argument("--actors", type=positive_int, help="model-holding actors (default: one per cluster CPU beyond "
+                     "one, or one per GPU's worth with --gpus-per-actor)")  # fmt: skip
+    ray.add_argument("--gpus-per-actor", type=float, help="GPUs each actor reserves (e.g. 1, or 0.5 to share)")
     add("--resume", action="store_true", help="skip inputs whose outputs all exist")
     add("--no-progress", action="store_true", help="no progress bar")
 

@@ -74,8 +74,9 @@ def orient(image: Image.Image, value: int) -> Image.Image:
     return image if method is None else image.transpose(method)
 
 
-def read_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray:
-    """``source`` (encoded bytes, a path, a PIL image or an array) as an H x W x 3 uint8 RGB array."""
+def read_image(source: ImageSource, max_pixels: int | None = None, name: str | None = None) -> np.ndarray:
+    """``source`` (encoded bytes, a path, a PIL image or an array) as an H x W x 3 uint8 RGB array; ``name``:
+    what messages call encoded bytes (default "the upload")."""
     if max_pixels is None:
         from segserve.settings import Settings
 
@@ -90,7 +91,7 @@ def read_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray
         if len(source) == 0:
             raise ImageError("empty image: the upload has no bytes")
         stream: io.BytesIO | Path = io.BytesIO(bytes(source))
-        name = "the upload"
+        name = name or "the upload"
     else:
         stream = Path(source)
         name = stream.name
