@@ -27,6 +27,7 @@ SECTIONS = (
     "service-memory",
     "vectors",
     "scales",
+    "ray",
 )
 
 
@@ -126,6 +127,10 @@ def run_section(name: str, scratch: Path, quick: bool, threads: int, context: di
         from benchmarks import scales
 
         return [scales.scales(quick)]
+    if name == "ray":
+        from benchmarks import distributed
+
+        return [distributed.ray_vs_local(scratch, quick)]
     if name == "service-memory":
         return [serving.service_memory(scratch, quick)]
     raise ValueError(name)

@@ -244,7 +244,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
             listed, missing = _listed_inputs(args, collect_inputs, jobs_from_list)
             ray_options = RayOptions(
-                args.address, args.actors, args.gpus_per_actor or 0.0, batch_size=args.batch_size or 4
+                args.address, args.actors, args.gpus_per_actor or 0.0, batch_size=args.batch_size or 16
             )
             report = run_ray_batch(model_path, options, listed, args.output, checked, ray_options,
                                    max_pixels=segmenter.max_pixels, resume=args.resume, progress=progress,
@@ -427,8 +427,8 @@ def _add_segment(commands: Commands) -> None:
     add("--tolerance", type=float, default=1.0, help="polygon simplification in pixels (default 1; 0: exact edges)")
     add("--min-area", type=int, default=0, help="drop polygon/GeoJSON regions under this many pixels")
     add("--summary-regions", action="store_true", help="the json summary lists each class's regions and boxes")
-    add("--batch-size", type=positive_int, help="images per model call (same-size ones share it; default 1, "
-        "with --engine ray 4: the rows each actor call takes)")  # fmt: skip
+    add("--batch-size", type=positive_int, help="images per model call (same-size ones share it; default 1); "
+        "with --engine ray the images per read task and actor call (default 16; lower it for huge images)")  # fmt: skip
     add("--workers", type=positive_int, default=2, help="decode and encode threads each (local engine)")
     add("--threads", type=positive_int, help="onnxruntime intra-op threads (default: $SEGSERVE_THREADS or all cores)")
     add("--tile", type=positive_int, default=1024, help="tile side for large images (px)")
