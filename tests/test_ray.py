@@ -58,9 +58,12 @@ def cluster(tmp_path_factory) -> Iterator[str]:
         worker = subprocess.run([RAY, "start", "--address", address, *common], capture_output=True, text=True,
                                 env=env, timeout=180)  # fmt: skip
         assert worker.returncode == 0, worker.stderr
-        status = subprocess.run([RAY, "status", "--address", address], capture_output=True, text=True, env=env,
-                                timeout=120)  # fmt: skip
-        assert "2.0 CPU" in status.stdout or "2.0/2.0 CPU" in status.stdout or " 2 node" in status.stdout, status
+        deadline, status = time.monotonic() + 120, ""
+        while "/2.0 CPU" not in status and time.monotonic() < deadline:  # the GCS reports nodes a little later
+            time.sleep(1)
+            status = subprocess.run([RAY, "status", "--address", address], capture_output=True, text=True, env=env,
+                                    timeout=120).stdout  # fmt: skip
+        assert "/2.0 CPU" in status, status
         yield address
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
