@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from segserve import __version__
 from segserve.options import add_options, from_options, input_size, positive_int
@@ -201,7 +201,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     """Batch-segment files, folders, globs or a list of paths/URIs into OUT_DIR (torch-free; Ray only with
     ``--engine ray``)."""
-    from segserve.batch import BatchError, collect_inputs, run_batch
+    from segserve.batch import BatchError, run_batch
     from segserve.runtime import ModelFileError, Segmenter
     from segserve.runtime.outputs import OutputError, OutputPlan
     from segserve.runtime.repository import ModelRepository, UnknownModel
@@ -240,9 +240,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     try:
         if engine == "ray":
-            from segserve.distributed import RayOptions, jobs_from_list, run_ray_batch
+            from segserve.distributed import RayOptions, run_ray_batch
 
-            listed, missing = _listed_inputs(args, collect_inputs, jobs_from_list)
+            listed, missing = _listed_inputs(args, uris=True)
             ray_options = RayOptions(
                 args.address, args.actors, args.gpus_per_actor or 0.0, batch_size=args.batch_size or 16
             )
@@ -252,7 +252,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         else:
             from segserve.batch import Job
 
-            listed, missing = _listed_inputs(args, collect_inputs, None)
+            listed, missing = _listed_inputs(args, uris=False)
             jobs = [Job(Path(source), stem) for source, stem in listed]
             report = run_batch(segmenter, jobs, Path(args.output), plan, batch_size=args.batch_size or 1,
                                workers=args.workers, resume=args.resume, progress=progress,
@@ -289,23 +289,19 @@ def _execution_engine(args: argparse.Namespace) -> tuple[str, str | None]:
     return args.engine or "local", args.runtime
 
 
-def _listed_inputs(args: argparse.Namespace, collect: Callable, from_list: Callable | None) -> tuple[list, list]:
+def _listed_inputs(args: argparse.Namespace, uris: bool) -> tuple[list[tuple[str, PurePosixPath]], list]:
     """(source, stem) pairs from the command line's files, folders and globs and from ``--from-list``, plus inputs
-    that matched nothing. URIs in the list need a reader that understands them (the Ray engine's)."""
-    from segserve.batch import BatchError
+    that matched nothing. ``uris``: whether the engine reads ``s3://``-style entries (the Ray engine's does)."""
+    from segserve.batch import BatchError, collect_inputs
+    from segserve.distributed import is_uri, jobs_from_list  # torch- and Ray-free
 
-    jobs, missing = collect(args.inputs)
+    jobs, missing = collect_inputs(args.inputs)
     listed = [(str(job.source), job.stem) for job in jobs]
     if args.from_list:
-        if from_list is None:
-            from segserve.distributed import is_uri, jobs_from_list
-
-            entries = jobs_from_list(Path(args.from_list))
-            uris = [source for source, _ in entries if is_uri(source)]
-            if uris:
-                raise BatchError(f"--from-list holds URIs ({uris[0]}, ...): they need --engine ray")
-        else:
-            entries = from_list(Path(args.from_list))
+        entries = jobs_from_list(Path(args.from_list))
+        found = next((source for source, _ in entries if is_uri(source)), None)
+        if found is not None and not uris:
+            raise BatchError(f"--from-list holds URIs ({found}, ...): they need --engine ray")
         listed += entries
     return listed, missing
 

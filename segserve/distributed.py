@@ -181,7 +181,8 @@ class Destination:
                 stream.write(payload)
             self._filesystem.move(temporary, key)
         finally:
-            self._filesystem.delete_file(temporary) if _exists(self._filesystem, temporary) else None
+            if _exists(self._filesystem, temporary):  # the write failed part-way
+                self._filesystem.delete_file(temporary)
 
     def close(self) -> None:
         """The driver's last word: this run's temporary folder goes, with whatever a killed worker left in it."""

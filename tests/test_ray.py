@@ -195,6 +195,20 @@ def test_bad_requests_exit_2_and_ray_stays_out_of_the_local_engine(inputs, segse
                      f"127.0.0.1:{_free_port()}")  # fmt: skip
     assert result.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:" in result.stderr, result.stderr
     assert not (tmp_path / "o" / ".segserve-tmp").exists()
-    probe = "import sys, segserve.cli, segserve.batch, segserve.runtime; print('ray' in sys.modules)"
+    probe = "import sys, segserve.cli, segserve.batch, segserve.distributed; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
     assert shutil.which(RAY) is not None
+
+
+def test_local_engine_takes_a_list_too(inputs, local_run, segserve_command, tmp_path) -> None:
+    """--from-list without Ray: the same stems and bytes; URIs in the list are refused (exit 2) before any work."""
+    listing = tmp_path / "paths.txt"
+    chosen = sorted(inputs.glob("frame1*"))
+    listing.write_text("\n".join(map(str, chosen)) + "\n")
+    out = tmp_path / "out"
+    result = segment(segserve_command, "--from-list", str(listing), "-o", str(out))
+    assert result.returncode == 0 and f"done {len(chosen)}, " in result.stderr, result.stderr
+    assert files(out) == {k: v for k, v in local_run.items() if k.split(".")[0] in {p.stem for p in chosen}}
+    listing.write_text(f"{chosen[0]}\ns3://bucket/frame.png\n")
+    refused = segment(segserve_command, "--from-list", str(listing), "-o", str(tmp_path / "o2"))
+    assert refused.returncode == 2 and "they need --engine ray" in refused.stderr
