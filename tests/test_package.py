@@ -82,12 +82,17 @@ def test_no_function_in_the_package_is_longer_than_80_lines() -> None:
     assert long == []
 
 
-def test_only_the_cli_imports_the_batch_command() -> None:
-    importers = set()
+def test_only_the_batch_side_imports_the_batch_engines_and_ray() -> None:
+    """The service never loads the batch command, its Ray engine or Ray; only the Ray engine imports Ray."""
+    importers: dict[str, set[str]] = {"segserve.batch": set(), "segserve.distributed": set(), "ray": set()}
     for name, tree in _package_modules().items():
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "segserve.batch":
-                importers.add(name)
-            if isinstance(node, ast.Import) and any(alias.name == "segserve.batch" for alias in node.names):
-                importers.add(name)
-    assert importers == {"segserve/cli.py"}
+            modules = [node.module] if isinstance(node, ast.ImportFrom) else []
+            modules += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            for module in modules:
+                root = "ray" if module and module.split(".")[0] == "ray" else module
+                if root in importers:
+                    importers[root].add(name)
+    assert importers["segserve.batch"] == {"segserve/cli.py", "segserve/distributed.py"}
+    assert importers["segserve.distributed"] == {"segserve/cli.py"}
+    assert importers["ray"] == {"segserve/distributed.py"}
