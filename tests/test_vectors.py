@@ -100,8 +100,9 @@ def test_polygons_and_geojson_records_hold_holes_and_properties() -> None:
     labels = np.zeros((40, 50), np.uint8)
     labels[5:30, 5:40] = 1
     labels[10:15, 10:15] = 2  # a hole in class 1, an island of class 2
-    probabilities = np.zeros((6, 40, 50), np.float32)
-    probabilities[0], probabilities[1], probabilities[2] = 0.9, 0.8, 0.7
+    probabilities = np.full((6, 40, 50), 0.02, np.float32)  # labels are the argmax, as the Segmenter gives them
+    for index, top in enumerate((0.9, 0.8, 0.7)):
+        probabilities[index][labels == index] = top
     found = regions(labels, tolerance=0, probabilities=probabilities)
     record = polygons_record(found, NAMES, labels.shape)
     ring = next(r for r in record["regions"] if r["class"] == "class1")
