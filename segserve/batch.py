@@ -18,7 +18,7 @@ import shutil
 import signal
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,17 +93,21 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Job], list[tuple[str, st
             missing.append((text, "no such file or folder"))
     jobs: list[Job] = []
     seen: set[Path] = set()
-    stems: dict[PurePosixPath, int] = {}
     for source, relative in found:
         key = source.resolve()
         if key in seen:
             continue
         seen.add(key)
-        stems[relative.with_suffix("")] = stems.get(relative.with_suffix(""), 0) + 1
         jobs.append(Job(source, relative))
-    return [
-        Job(j.source, j.stem.with_suffix("") if stems[j.stem.with_suffix("")] == 1 else j.stem) for j in jobs
-    ], missing
+    stems = output_stems([j.stem for j in jobs])
+    return [Job(j.source, stem) for j, stem in zip(jobs, stems, strict=True)], missing
+
+
+def output_stems(relative: Sequence[PurePosixPath]) -> list[PurePosixPath]:
+    """Each input's output stem: its relative path without the suffix, unless two inputs would share that stem
+    (``a.jpg`` and ``a.png``): those keep their suffix. One rule for both engines' input listers."""
+    counts = Counter(path.with_suffix("") for path in relative)
+    return [path.with_suffix("") if counts[path.with_suffix("")] == 1 else path for path in relative]
 
 
 def _glob_root(pattern: str) -> Path:

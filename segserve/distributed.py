@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from segserve.batch import TEMP_DIR, BatchError, BatchReport, OutputFolder, _reason, temp_folder_name
+from segserve.batch import TEMP_DIR, BatchError, BatchReport, OutputFolder, _reason, output_stems, temp_folder_name
 from segserve.runtime.outputs import OutputError, OutputPlan, Payload, render
 
 #: What an actor passes to :class:`segserve.runtime.Segmenter` besides the model path.
@@ -79,14 +79,8 @@ def jobs_from_list(list_file: Path) -> list[tuple[str, PurePosixPath]]:
     common = 0
     while all(len(parts) > common for parts in parents) and len({parts[common] for parts in parents}) == 1:
         common += 1
-    relative = [PurePosixPath(*p.parts[common:]) for p in paths]
-    stems: dict[PurePosixPath, int] = {}
-    for path in relative:
-        stems[path.with_suffix("")] = stems.get(path.with_suffix(""), 0) + 1
-    return [
-        (source, path.with_suffix("") if stems[path.with_suffix("")] == 1 else path)
-        for source, path in zip(sources, relative, strict=True)
-    ]
+    stems = output_stems([PurePosixPath(*p.parts[common:]) for p in paths])
+    return list(zip(sources, stems, strict=True))
 
 
 def _path_part(source: str) -> PurePosixPath:
