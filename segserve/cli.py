@@ -7,6 +7,7 @@ import torch; the training-side commands say how to install it when it is missin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -98,24 +99,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """The FCN metrics of a checkpoint at full label resolution."""
+    import numpy as np
+
     from segserve.datasets import DatasetError, open_collection
-    from segserve.metrics import format_metrics
+    from segserve.metrics import format_metrics, top_confusions
 
     try:
         collection = open_collection(args.data, args.split, args.layout)
-        metrics, _ = _evaluate_model(args.model, collection, args.batch_size, not args.no_progress)
+        if args.frames:
+            samples = [sample for sample in collection.samples if sample.image.name.startswith(args.frames)]
+            if not samples:
+                raise ValueError(f"--frames {args.frames!r} matches none of the {args.split} frames")
+            collection = dataclasses.replace(collection, split=f"{args.split}[{args.frames}]", samples=samples)
+        metrics, confusion = _evaluate_model(args.model, collection, args.batch_size, not args.no_progress)
     except (DatasetError, ValueError) as error:
         raise UsageError(str(error)) from error
-    print(f"{args.model} on {collection.root} ({collection.layout}, {args.split}: {len(collection.samples)} images)")
+    print(
+        f"{args.model} on {collection.root} ({collection.layout}, {collection.split}: {len(collection.samples)} images)"
+    )
     print(format_metrics(metrics))
+    mistakes = top_confusions(confusion, list(metrics.per_class_iou))
+    print("most confused (share of the true class's pixels):")
+    for m in mistakes:
+        print(f"  {m['true']:>12} -> {m['predicted']:<12} {100 * m['share']:5.1f}%")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"model": str(args.model), "data": str(collection.root), "split": args.split, **metrics.to_dict()},
-                indent=2,
-            )
-            + "\n"
-        )
+        record = {"model": str(args.model), "data": str(collection.root), "split": collection.split,
+                  **metrics.to_dict(), "confusion": np.asarray(confusion).tolist(),
+                  "top_confusions": mistakes}  # fmt: skip
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
@@ -360,6 +371,9 @@ def _add_evaluate(commands: Commands) -> None:
     evaluate.add_argument("model", help="a checkpoint (.pt) or an exported model (.onnx)")
     evaluate.add_argument("--data", required=True, help="dataset folder")
     evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--frames", metavar="PREFIX",
+                          help="only the frames whose names start with PREFIX: a drive held out by "
+                               "`train --holdout`, e.g. --split train --frames 0006R0")  # fmt: skip
     evaluate.add_argument("--layout", choices=["camvid", "voc", "folder"], help="dataset layout (default: detected)")
     evaluate.add_argument("--batch-size", type=positive_int, default=4)
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")

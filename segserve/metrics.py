@@ -14,6 +14,7 @@ matrix. An image set with no labelled pixel at all has no metrics (all ``None``)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -115,3 +116,17 @@ def format_metrics(metrics: SegmentationMetrics) -> str:
     for name, iou in metrics.per_class_iou.items():
         lines.append(f"{name:<{width}}  {pct(iou)}    {pct(metrics.per_class_accuracy[name])}")
     return "\n".join(lines)
+
+
+def top_confusions(confusion: np.ndarray, class_names: Sequence[str], count: int = 8) -> list[dict]:
+    """The largest mistakes: for each (true, predicted) pair off the diagonal, the share of the true class's
+    labelled pixels given the wrong class, largest first (what a model card's limits section reports)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    np.fill_diagonal(shares, 0)
+    order = np.argsort(shares, axis=None)[::-1][:count]
+    return [
+        {"true": class_names[t], "predicted": class_names[g], "share": round(float(shares[t, g]), 4)}
+        for t, g in zip(*np.unravel_index(order, shares.shape), strict=True)
+        if shares[t, g] > 0
+    ]

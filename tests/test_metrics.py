@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from segserve.metrics import compute_metrics, confusion_matrix, format_metrics
+from segserve.metrics import compute_metrics, confusion_matrix, format_metrics, top_confusions
 
 
 def test_confusion_matrix_counts_and_skips_ignored_pixels() -> None:
@@ -64,3 +64,11 @@ def test_bad_labels_and_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="differ in shape"):
         confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 3)
     assert math.isclose(compute_metrics(np.eye(2) * 3, ["x", "y"]).mean_iou, 1.0)
+
+
+def test_top_confusions_rank_mistakes_by_share_of_the_true_class() -> None:
+    confusion = np.array([[90, 10, 0], [1, 3, 96], [0, 0, 0]])  # rows true, columns predicted
+    mistakes = top_confusions(confusion, ["a", "b", "c"])
+    assert [(m["true"], m["predicted"]) for m in mistakes] == [("b", "c"), ("a", "b"), ("b", "a")]
+    assert [m["share"] for m in mistakes] == [0.96, 0.1, 0.01]  # a class with no labelled pixels adds nothing
+    assert top_confusions(np.diag([5, 7]), ["a", "b"]) == []

@@ -80,6 +80,10 @@ def test_evaluate_reprints_the_training_figures(trained_run, segserve_command, t
     assert f"{100 * logged['mean_iou']:6.2f}" in result.stdout
     row = next(r for r in csv.DictReader((out / "metrics.csv").open()) if int(r["epoch"]) == logged["epoch"])
     assert float(row["mean_iou"]) == pytest.approx(figures["mean_iou"], abs=1e-12)
+    confusion = np.array(figures["confusion"])  # rows true, columns predicted: the metrics follow from it
+    assert confusion.sum() == figures["pixels"]
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(figures["pixel_accuracy"], abs=1e-12)
+    assert "most confused" in result.stdout and all(0 < m["share"] <= 1 for m in figures["top_confusions"])
 
 
 def test_existing_run_is_not_overwritten(trained_run, segserve_command) -> None:
@@ -270,3 +274,18 @@ def test_strong_photometric_augmentation_changes_colour_not_labels() -> None:
     assert torch.equal(a[1], b[1])  # same geometry: photometric draws come after every geometric one
     assert torch.equal(b[0], c[0]) and not torch.allclose(a[0], b[0])
     assert b[0].min() >= 0 and b[0].max() <= 255
+
+
+def test_evaluate_on_the_frames_of_one_drive(trained_run, segserve_command, tmp_path: Path) -> None:
+    data, out, _ = trained_run
+    figures = {}
+    for prefix in ("train_", "train_003"):
+        result = run(segserve_command, "evaluate", str(out / "best.pt"), "--data", str(data), "--split", "train",
+                     "--frames", prefix, "--json", str(tmp_path / f"{prefix}.json"), "--no-progress")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        figures[prefix] = json.loads((tmp_path / f"{prefix}.json").read_text())
+    assert figures["train_"]["split"] == "train[train_]" and figures["train_003"]["split"] == "train[train_003]"
+    assert figures["train_003"]["pixels"] * 8 == figures["train_"]["pixels"]  # one frame of eight, same size
+    refused = run(segserve_command, "evaluate", str(out / "best.pt"), "--data", str(data), "--split", "train",
+                  "--frames", "0006R0", "--no-progress")  # fmt: skip
+    assert refused.returncode == 2 and "matches none of the train frames" in refused.stderr
