@@ -111,7 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if not samples:
                 raise ValueError(f"--frames {args.frames!r} matches none of the {args.split} frames")
             collection = dataclasses.replace(collection, split=f"{args.split}[{args.frames}]", samples=samples)
-        metrics, confusion = _evaluate_model(args.model, collection, args.batch_size, not args.no_progress)
+        progress = not args.no_progress
+        metrics, confusion = _evaluate_model(args.model, collection, args.batch_size, progress, args.scale)
     except (DatasetError, ValueError) as error:
         raise UsageError(str(error)) from error
     print(
@@ -130,21 +131,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_model(model: str, collection, batch_size: int, progress: bool):
+def _evaluate_model(model: str, collection, batch_size: int, progress: bool, scale: str = "model"):
     from segserve.training.evaluate import evaluate
 
-    if model.endswith(".onnx"):  # the serving runtime: no torch needed
-        from segserve.modelcard import INPUT, LABELS
-        from segserve.runtime import ModelFileError, load_model
+    if model.endswith(".onnx"):  # the serving runtime, as served: no torch needed
+        import numpy as np
 
-        try:
-            loaded = load_model(model)
-        except ModelFileError as error:
+        from segserve.runtime import ModelFileError, Segmenter, choose_providers
+        from segserve.runtime.engines import EngineError
+
+        try:  # explicit providers: onnxruntime on this very file (never its int8 twin), at the chosen scale
+            segmenter = Segmenter(model, choose_providers(None), scale=scale)
+        except (ModelFileError, EngineError) as error:
             raise UsageError(str(error)) from error
-        _check_classes(model, loaded.metadata.classes, collection)
+        _check_classes(model, segmenter.metadata.classes, collection)
 
         def run(images):
-            return loaded.session.run([LABELS], {INPUT: images})[0]
+            return np.stack([r.labels for r in segmenter.segment_many(list(images))])
 
         return evaluate(run, collection, batch_size=batch_size, progress=progress)
 
@@ -376,6 +379,9 @@ def _add_evaluate(commands: Commands) -> None:
                                "`train --holdout`, e.g. --split train --frames 0006R0")  # fmt: skip
     evaluate.add_argument("--layout", choices=["camvid", "voc", "folder"], help="dataset layout (default: detected)")
     evaluate.add_argument("--batch-size", type=positive_int, default=4)
+    evaluate.add_argument("--scale", choices=["model", "native"], default="model",
+                          help=".onnx: model (default): as served, each image resampled to the model's "
+                               "training scale; native: the network on the image as it is")  # fmt: skip
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     evaluate.add_argument("--no-progress", action="store_true")
 

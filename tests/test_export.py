@@ -260,3 +260,35 @@ def test_tta_flip_export_averages_the_image_and_its_mirror(tmp_path: Path, segse
     refused = subprocess.run([*segserve_command, "export", "--classifier", "mobilenet_v3_small", "-o",
                               str(tmp_path / "c.onnx"), "--tta", "flip"], capture_output=True, text=True)  # fmt: skip
     assert refused.returncode == 2 and "--tta is for segmentation checkpoints" in refused.stderr
+
+
+def test_evaluate_scores_an_onnx_file_as_served(exports, tmp_path: Path, segserve_command) -> None:
+    """--scale model (default) scores what the runtime serves (resampled to the model's training scale), --scale
+    native the network on each frame as it is; both equal the runtime's own answers, pixel for pixel."""
+    import dataclasses
+    import json
+
+    from conftest import write_dataset
+
+    from segserve.datasets import open_collection
+    from segserve.runtime import Segmenter
+    from segserve.training.evaluate import evaluate
+
+    graph, metadata, _ = exports["8s"]
+    small = export_onnx(graph, tmp_path / "small.onnx", dataclasses.replace(metadata, image_size=(24, 32)))
+    data = write_dataset(tmp_path / "data", "folder", train=2, val=3)
+    spec = {"classes": list(metadata.classes), "colors": [list(c) for c in metadata.palette], "ignore_index": 255}
+    (data / "classes.json").write_text(json.dumps(spec))
+    confusions = {}
+    for scale in ("model", "native"):
+        result = subprocess.run([*segserve_command, "evaluate", str(small), "--data", str(data), "--scale", scale,
+                                 "--json", str(tmp_path / f"{scale}.json"), "--no-progress"],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        confusions[scale] = np.array(json.loads((tmp_path / f"{scale}.json").read_text())["confusion"])
+        segmenter = Segmenter(small, ["CPUExecutionProvider"], scale=scale)
+        assert segmenter.working_size(48, 64) == ((24, 32) if scale == "model" else (48, 64))
+        _, expected = evaluate(lambda images, s=segmenter: np.stack([r.labels for r in s.segment_many(list(images))]),
+                               open_collection(data, "val", None), progress=False)  # fmt: skip
+        assert np.array_equal(confusions[scale], expected), scale
+    assert not np.array_equal(confusions["model"], confusions["native"])  # 48x64 frames run at 24x32, or as they are
