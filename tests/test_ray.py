@@ -1,8 +1,8 @@
 """``segserve segment --engine ray`` on a real two-node Ray cluster started on this machine (one CPU per node).
 
 The Ray engine must give the local engine's bytes and guarantees: same output files, bad inputs reported and
-counted, every output complete or absent after a worker is SIGKILLed, ``--resume`` finishing the set. On Linux
-x86_64 Ray installs and starts, so these tests never skip there (an import failure fails them).
+counted, every output complete or absent after a worker or the driver is SIGKILLed, ``--resume`` finishing the
+set. On Linux x86_64 Ray installs and starts, so these tests never skip there (an import failure fails them).
 """
 
 from __future__ import annotations
@@ -180,6 +180,34 @@ def test_worker_killed_mid_run_then_resume(cluster, inputs, local_run, segserve_
     assert resumed.returncode == 1, resumed.stderr
     assert files(out) == local_run
     assert not (out / ".segserve-tmp").exists()
+
+
+def test_driver_killed_mid_run_then_resume(cluster, inputs, local_run, segserve_command, tmp_path) -> None:
+    """SIGKILL the driver (the `segserve segment` process) while actors write: Ray ends the job; every output
+    already in place is whole, and --resume (after the job's actors are gone) completes exactly the set."""
+    out = tmp_path / "driver"
+    command = [*segserve_command, "segment", str(inputs), "-o", str(out), "--engine", "ray", "--address", cluster,
+               "--outputs", OUTPUTS, "--no-progress", "--batch-size", "2"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline and len(list(out.glob("*.labels.png"))) < 4:
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.kill()
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 120
+    while _segment_workers() and time.monotonic() < deadline:  # Ray ends a dead driver's actors
+        time.sleep(0.5)
+    assert not _segment_workers()
+    outputs = {name: data for name, data in files(out).items() if not name.startswith(".segserve-tmp/")}
+    assert 4 * len(OUTPUTS.split(",")) <= len(outputs) < len(local_run)
+    for name, data in outputs.items():
+        assert data == local_run[name], name  # complete or absent: never a half file under its final name
+    resumed = segment(segserve_command, str(inputs), "-o", str(out), "--engine", "ray", "--address", cluster,
+                      "--resume")  # fmt: skip
+    assert resumed.returncode == 1, resumed.stderr
+    assert files(out) == local_run
+    assert not (out / ".segserve-tmp").exists()  # the dead driver's temporary folder is cleared too
 
 
 def test_bad_requests_exit_2_and_ray_stays_out_of_the_local_engine(inputs, segserve_command, tmp_path) -> None:
