@@ -200,7 +200,7 @@ def test_driver_killed_mid_run_then_resume(cluster, inputs, local_run, segserve_
         time.sleep(0.5)
     assert not _segment_workers()
     outputs = {name: data for name, data in files(out).items() if not name.startswith(".segserve-tmp/")}
-    assert 4 * len(OUTPUTS.split(",")) <= len(outputs) < len(local_run)
+    assert 4 <= len(outputs) < len(local_run)  # an image's outputs appear one by one: some may be missing
     for name, data in outputs.items():
         assert data == local_run[name], name  # complete or absent: never a half file under its final name
     resumed = segment(segserve_command, str(inputs), "-o", str(out), "--engine", "ray", "--address", cluster,
