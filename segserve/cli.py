@@ -258,7 +258,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
             listed, missing = _listed_inputs(args, uris=True)
             ray_options = RayOptions(
-                args.address, args.actors, args.gpus_per_actor or 0.0, batch_size=args.batch_size or 16
+                args.address,
+                args.actors,
+                args.gpus_per_actor or 0.0,
+                batch_size=args.batch_size or RayOptions.batch_size,
             )
             report = run_ray_batch(model_path, options, listed, args.output, checked, ray_options,
                                    max_pixels=segmenter.max_pixels, resume=args.resume, progress=progress,

@@ -232,13 +232,13 @@ class SegmentStage:
         self.plan = plan.checked(self.segmenter.metadata)
         self.destination = destination.open()  # a fresh, unpickled copy: connect from this worker
         on_gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(self.segmenter.providers)
-        self.step = 0 if on_gpu else 1  # images per model call; 0: the whole batch
+        self.whole_batch = bool(on_gpu)  # one model call per batch on a GPU, one per image on a CPU
         self.writer = ThreadPoolExecutor(2, "write")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         errors = [str(e) for e in batch["error"]]
         good = [i for i, error in enumerate(errors) if not error]
-        step = self.step or max(1, len(good))
+        step = max(1, len(good)) if self.whole_batch else 1
         writes: list[tuple[int, Future]] = []
         for start in range(0, len(good), step):
             chunk = good[start : start + step]
