@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 
 from segserve.export import classifier_graph, export_onnx
 from segserve.modelcard import ModelFileError
-from segserve.runtime.segmenter import Segmenter, default_model_path
+from segserve.runtime.segmenter import Segmenter, _starts, _tiling, default_model_path
 from segserve.settings import Settings
 
 MODEL_ENV = Settings.variables()["model"]
@@ -106,6 +106,23 @@ def test_tiled_and_whole_labels_agree_on_a_road_scene() -> None:
     tiled = Segmenter(threads=2, scale="native").segment(pixels).labels
     agreement = (whole == tiled).mean()
     assert agreement >= 0.99, f"tiled vs whole agreement {agreement:.4f}"
+
+
+@pytest.mark.parametrize("grid", [32, 64, 128, 320, 544, 2048])  # scales 1, 0.5, 0.75, 0.9, 9/17, 1/64
+@pytest.mark.parametrize(("tile", "overlap"), [(1024, 256), (256, 64), (128, 32)])
+def test_tiles_stay_on_the_grid_and_always_overlap(grid: int, tile: int, overlap: int) -> None:
+    """Every tile offset on the alignment grid, every pixel covered, neighbours sharing >= overlap pixels, even
+    where the grid is coarser than the tile asked for (the shipped model's 320 px grid with 256 px tiles had left
+    rows no tile covered)."""
+    used_tile, stride = _tiling(tile, overlap, grid)
+    assert used_tile >= tile and stride % grid == 0 and used_tile - stride >= overlap
+    for size in (used_tile - 1, used_tile, used_tile + 1, 700, 1440, 3840, 12_000):
+        starts = _starts(size, used_tile, stride, grid)
+        assert starts[0] == 0 and all(start % grid == 0 for start in starts)
+        ends = [start + used_tile for start in starts[:-1]] + [size]  # the last tile runs to the end
+        assert size - starts[-1] < used_tile + grid
+        for start, previous_end in zip(starts[1:], ends[:-1], strict=True):
+            assert previous_end - start >= min(overlap, size)
 
 
 def test_tiling_covers_the_image_and_blends(model) -> None:
