@@ -115,7 +115,7 @@ def test_tiles_stay_on_the_grid_and_always_overlap(grid: int, tile: int, overlap
     where the grid is coarser than the tile asked for (the shipped model's 320 px grid with 256 px tiles had left
     rows no tile covered)."""
     used_tile, stride = _tiling(tile, overlap, grid)
-    assert used_tile >= tile and stride % grid == 0 and used_tile - stride >= overlap
+    assert used_tile >= tile and used_tile % grid == 0 and stride % grid == 0 and used_tile - stride >= overlap
     for size in (used_tile - 1, used_tile, used_tile + 1, 700, 1440, 3840, 12_000):
         starts = _starts(size, used_tile, stride, grid)
         assert starts[0] == 0 and all(start % grid == 0 for start in starts)

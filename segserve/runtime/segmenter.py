@@ -94,12 +94,14 @@ def _ramp(length: int, overlap: int, first: bool, last: bool) -> np.ndarray:
 
 
 def _tiling(tile: int, overlap: int, grid: int) -> tuple[int, int]:
-    """(tile, stride) actually used: the stride a multiple of ``grid`` (the alignment that keeps every tile on the
-    whole image's resampling phase and stride-32 cells) and the tile at least one stride plus the overlap, so tiles
-    always meet with at least ``overlap`` pixels in common. At scale 0.9 the grid is 320 px: a 256 px tile asked
-    for becomes 384 (320 + 64) rather than leaving gaps between tiles."""
+    """(tile, stride) actually used, both multiples of ``grid``: the smallest offset that the inference scale maps
+    onto whole stride-32 cells, and a multiple of the scale's denominator. On that grid a tile's start and length
+    both resample exactly as the whole image does (a 1024 px tile at scale 0.9 would resize to 921.6 px, rounded,
+    off the whole image's sampling phase). The tile is also at least one stride plus the overlap, so tiles always
+    share ``overlap`` pixels or more: at scale 0.9 (grid 320 px) the default 1024 px tiles become 1280 px every
+    640 px, and 256 px tiles asked for become 640 px every 320."""
     stride = max(grid, (tile - overlap) // grid * grid)
-    return max(tile, stride + overlap), stride
+    return -(-max(tile, stride + overlap) // grid) * grid, stride
 
 
 def _starts(size: int, tile: int, stride: int, grid: int) -> list[int]:
