@@ -101,7 +101,7 @@ def _tiling(tile: int, overlap: int, grid: int) -> tuple[int, int]:
     share ``overlap`` pixels or more: at scale 0.9 (grid 320 px) the default 1024 px tiles become 1280 px every
     640 px, and 256 px tiles asked for become 640 px every 320."""
     stride = max(grid, (tile - overlap) // grid * grid)
-    return -(-max(tile, stride + overlap) // grid) * grid, stride
+    return math.ceil(max(tile, stride + overlap) / grid) * grid, stride
 
 
 def _starts(size: int, tile: int, stride: int, grid: int) -> list[int]:
